@@ -337,7 +337,11 @@ mod tests {
 
     fn any_format() -> impl Strategy<Value = HeaderFormat> {
         (
-            prop_oneof![Just(LenBytes::One), Just(LenBytes::Two), Just(LenBytes::Four)],
+            prop_oneof![
+                Just(LenBytes::One),
+                Just(LenBytes::Two),
+                Just(LenBytes::Four)
+            ],
             prop_oneof![Just(Endian::Big), Just(Endian::Little)],
             1u32..2000,
         )

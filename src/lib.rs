@@ -4,13 +4,35 @@
 //! rendezvous hashing on node names, connects, and splices the two sockets together.
 //!
 //! Modules, in the order a connection meets them:
-//! - [`header`]: the key header wire format and its pure parser.
-//! - [`routing`]: the stable rendezvous router (public API: a client can shard by itself).
+//! - [`config`]: every limit and timeout, validated before anything binds.
+//! - [`header`]: the key header wire format and its pure parser (never touches a socket).
+//! - [`routing`]: the stable rendezvous [`Router`] — public so a client can shard by itself.
+//! - [`backend`]: the routing table snapshot the data path reads (router + addresses).
+//! - [`proxy`]: listener, connection phases, splice forwarding, socket options.
+//! - [`metrics`]: metric names in one place and the handles the data path bumps.
+//! - `admin`: `/metrics` and `/healthz` over HTTP.
+//! - [`error`]: error enums per layer, each classified by side and reason.
+//! - [`cli`]: the command-line flags (clap).
+//! - [`echo`], [`client`], [`demo`]: the demo backend, a client that speaks to it, and the
+//!   `shardproxy demo` walkthrough.
 
 #![warn(missing_docs)]
 
+mod admin;
+pub mod backend;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod echo;
+pub mod error;
 pub mod header;
+pub mod metrics;
+pub mod proxy;
 pub mod routing;
 
+pub use config::{BackendSpec, ProxyConfig};
+pub use error::{ConfigError, ConnError, Error};
 pub use header::{HeaderFormat, Parse};
+pub use proxy::{start, ProxyHandle};
 pub use routing::Router;

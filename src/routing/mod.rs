@@ -217,10 +217,7 @@ mod tests {
             Router::new([("a", 1), ("a", 2)]).unwrap_err(),
             RoutingError::DuplicateName("a".into())
         );
-        assert_eq!(
-            Router::new([("", 1)]).unwrap_err(),
-            RoutingError::EmptyName
-        );
+        assert_eq!(Router::new([("", 1)]).unwrap_err(), RoutingError::EmptyName);
         assert!(matches!(
             Router::new([("a", MAX_WEIGHT + 1)]).unwrap_err(),
             RoutingError::BadWeight { .. }
@@ -229,7 +226,10 @@ mod tests {
 
     #[test]
     fn empty_and_drained_tables_pick_nothing() {
-        assert_eq!(Router::new(Vec::<(String, u32)>::new()).unwrap().pick(b"k"), None);
+        assert_eq!(
+            Router::new(Vec::<(String, u32)>::new()).unwrap().pick(b"k"),
+            None
+        );
         let r = Router::new([("a", 0), ("b", 0)]).unwrap();
         assert_eq!(r.pick(b"k"), None);
         assert!(r.rank(b"k").is_empty());
@@ -290,7 +290,8 @@ mod tests {
     #[test]
     fn removing_a_node_moves_only_its_keys_spread_evenly() {
         let before = router(5);
-        let after = Router::new((0..5).filter(|&i| i != 2).map(|i| (format!("node-{i}"), 1))).unwrap();
+        let after =
+            Router::new((0..5).filter(|&i| i != 2).map(|i| (format!("node-{i}"), 1))).unwrap();
         let mut landed: HashMap<String, u32> = HashMap::new();
         for i in 0..50_000 {
             let k = key(i);
@@ -306,7 +307,10 @@ mod tests {
         let total: u32 = landed.values().sum();
         for (name, c) in &landed {
             let share = f64::from(*c) / f64::from(total);
-            assert!((share - 0.25).abs() < 0.03, "{name} got {share:.3} of the orphans");
+            assert!(
+                (share - 0.25).abs() < 0.03,
+                "{name} got {share:.3} of the orphans"
+            );
         }
     }
 

@@ -1,0 +1,272 @@
+//! Command-line interface (clap): `run`, `route`, `demo`, `backend`, `client`.
+//!
+//! Parsing only: every flag maps onto [`ProxyConfig`] or a subcommand's options, values are
+//! checked as they are parsed, and a bad flag gets clap's message and exit code 2.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{
+    parse_duration, parse_len_bytes, parse_optional_duration, BackendSpec, Failover, ProxyConfig,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_TRIES,
+};
+use crate::header::{Endian, HeaderFormat, HeaderMode, LenBytes, DEFAULT_MAX_KEY_LEN};
+
+/// A Layer-4 TCP sharding proxy: routes each connection by its key header with rendezvous
+/// hashing and splices the sockets together.
+#[derive(Debug, Parser)]
+#[command(name = "shardproxy", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy.
+    Run(RunArgs),
+    /// Print the ranked backend names for each KEY (offline; same answer as the proxy).
+    Route(RouteArgs),
+    /// Start 3 demo backends and the proxy in-process, drive traffic, print what happened.
+    Demo(DemoArgs),
+    /// Run an echo backend that first sends its name and a newline.
+    Backend(BackendArgs),
+    /// Send a key header and a payload, print which backend answered, verify the echo.
+    Client(ClientArgs),
+}
+
+/// The key header format flags, shared by `run` and `client`.
+#[derive(Debug, Clone, Args)]
+pub struct HeaderArgs {
+    /// Width of the key length field in bytes: 1, 2 or 4.
+    #[arg(long, default_value = "2", value_parser = parse_len_bytes)]
+    pub len_bytes: LenBytes,
+    /// The length field is little-endian (default: big-endian).
+    #[arg(long)]
+    pub little_endian: bool,
+    /// Longest key accepted, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_KEY_LEN)]
+    pub max_key_len: u32,
+    /// Remove the key header before forwarding (default: the backend sees it).
+    #[arg(long)]
+    pub strip_header: bool,
+}
+
+impl HeaderArgs {
+    /// The header format these flags describe.
+    pub fn format(&self) -> HeaderFormat {
+        HeaderFormat {
+            len_bytes: self.len_bytes,
+            endian: if self.little_endian {
+                Endian::Little
+            } else {
+                Endian::Big
+            },
+            max_key_len: self.max_key_len,
+            mode: if self.strip_header {
+                HeaderMode::Strip
+            } else {
+                HeaderMode::Forward
+            },
+        }
+    }
+}
+
+/// Failover policy flag values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum FailoverArg {
+    /// Try the key's next choice when its owner is unreachable.
+    Next,
+    /// Fail fast: a key only ever goes to its owner.
+    None,
+}
+
+/// `shardproxy run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Address clients connect to.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// A backend: NAME=HOST:PORT[,weight=N]. Repeat for each; order does not matter.
+    #[arg(long = "backend", required = true, value_parser = parse_backend)]
+    pub backends: Vec<BackendSpec>,
+    /// Admin/metrics address (GET /metrics, /healthz); no admin listener if absent.
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
+    /// Key header format.
+    #[command(flatten)]
+    pub header: HeaderArgs,
+    /// Time a client has to send its complete key header.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// Time allowed for each backend connect attempt.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// Distinct backends tried per connection, in the key's rank order.
+    #[arg(long, default_value_t = DEFAULT_MAX_TRIES)]
+    pub max_tries: u32,
+    /// When a key's owner is unreachable: try its next choice, or fail fast.
+    #[arg(long, value_enum, default_value = "next")]
+    pub failover: FailoverArg,
+    /// Close connections idle this long in both directions ('off' to disable).
+    #[arg(long, default_value = "off", value_parser = parse_optional_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// Concurrent client connections; more are closed at once and counted.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Time connections get to finish after SIGTERM/SIGINT.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    pub workers: Option<usize>,
+}
+
+impl RunArgs {
+    /// The proxy configuration these flags describe (not yet validated).
+    pub fn config(&self) -> ProxyConfig {
+        let mut c = ProxyConfig::new(self.listen, self.backends.clone());
+        c.admin = self.admin;
+        c.header = self.header.format();
+        c.header_timeout = self.header_timeout;
+        c.connect_timeout = self.connect_timeout;
+        c.max_tries = self.max_tries;
+        c.failover = match self.failover {
+            FailoverArg::Next => Failover::Next,
+            FailoverArg::None => Failover::None,
+        };
+        c.idle_timeout = self.idle_timeout;
+        c.max_connections = self.max_connections;
+        c.drain_timeout = self.drain_timeout;
+        c
+    }
+}
+
+/// `shardproxy route`.
+#[derive(Debug, Args)]
+pub struct RouteArgs {
+    /// A backend: NAME=HOST:PORT[,weight=N] (the address is not used for routing).
+    #[arg(long = "backend", required = true, value_parser = parse_backend)]
+    pub backends: Vec<BackendSpec>,
+    /// Keys are hex-encoded bytes rather than text.
+    #[arg(long)]
+    pub hex: bool,
+    /// Keys to route.
+    #[arg(required = true)]
+    pub keys: Vec<String>,
+}
+
+/// `shardproxy demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Distinct keys per round.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub keys: u32,
+}
+
+/// `shardproxy backend`.
+#[derive(Debug, Args)]
+pub struct BackendArgs {
+    /// Address to listen on.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Name it reports to each client.
+    #[arg(long)]
+    pub name: String,
+}
+
+/// `shardproxy client`.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Proxy (or backend) address.
+    #[arg(long)]
+    pub connect: SocketAddr,
+    /// Key header format (must match the proxy's).
+    #[command(flatten)]
+    pub header: HeaderArgs,
+    /// Payload bytes to send after the header and verify in the echo.
+    #[arg(long, default_value_t = 1024)]
+    pub payload: usize,
+    /// Keys to send, one connection each.
+    #[arg(required = true)]
+    pub keys: Vec<String>,
+}
+
+fn parse_backend(s: &str) -> Result<BackendSpec, String> {
+    s.parse::<BackendSpec>().map_err(|e| e.to_string())
+}
+
+/// Decodes a key given on the command line.
+pub fn decode_key(text: &str, hex: bool) -> Result<Vec<u8>, String> {
+    if !hex {
+        return Ok(text.as_bytes().to_vec());
+    }
+    if text.len() % 2 != 0 {
+        return Err(format!("hex key {text:?} has an odd number of digits"));
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(&text[i..i + 2], 16)
+                .map_err(|_| format!("hex key {text:?} has a non-hex digit"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_flags_map_onto_config() {
+        let cli = Cli::try_parse_from([
+            "shardproxy",
+            "run",
+            "--listen",
+            "127.0.0.1:7000",
+            "--backend",
+            "b1=127.0.0.1:9001",
+            "--backend",
+            "b2=127.0.0.1:9002,weight=2",
+            "--header-timeout",
+            "250ms",
+            "--len-bytes",
+            "4",
+            "--little-endian",
+            "--strip-header",
+            "--idle-timeout",
+            "1m",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        let c = run.config();
+        assert_eq!(c.backends.len(), 2);
+        assert_eq!(c.backends[1].weight, 2);
+        assert_eq!(c.header_timeout, Duration::from_millis(250));
+        assert_eq!(c.header.len_bytes, LenBytes::Four);
+        assert_eq!(c.header.endian, Endian::Little);
+        assert_eq!(c.header.mode, HeaderMode::Strip);
+        assert_eq!(c.idle_timeout, Some(Duration::from_secs(60)));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn hex_keys() {
+        assert_eq!(decode_key("00ff", true), Ok(vec![0, 255]));
+        assert!(decode_key("0", true).is_err());
+        assert!(decode_key("zz", true).is_err());
+        assert_eq!(decode_key("ab", false), Ok(b"ab".to_vec()));
+    }
+}

@@ -1,0 +1,306 @@
+//! The proxy's configuration: every limit and timeout in force, with its default, validated
+//! in one place before anything binds. It never opens a socket.
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::error::ConfigError;
+use crate::header::{HeaderFormat, LenBytes};
+use crate::routing::{Router, MAX_WEIGHT};
+
+/// Default time a client has to send the complete key header.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time allowed for one backend connect attempt.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default number of distinct backends tried per connection.
+pub const DEFAULT_MAX_TRIES: u32 = 3;
+/// Upper bound on `max_tries` (the tried set lives on the stack).
+pub const MAX_TRIES: u32 = 16;
+/// Default cap on concurrent client connections (each costs two sockets, plus pipes while
+/// data moves); lowered at start if the fd limit cannot carry it.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 8192;
+/// Default time connections get to finish after SIGTERM/SIGINT.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One backend: a name (its routing identity), an address, a weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSpec {
+    /// Routing identity; keys follow the name, not the address.
+    pub name: String,
+    /// Where to connect.
+    pub addr: SocketAddr,
+    /// Relative share of keys; 0 takes no new keys.
+    pub weight: u32,
+}
+
+impl FromStr for BackendSpec {
+    type Err = ConfigError;
+
+    /// Parses `NAME=HOST:PORT[,weight=N]`.
+    fn from_str(spec: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &str| ConfigError::BackendSpec {
+            spec: spec.to_string(),
+            why: why.to_string(),
+        };
+        let (name, rest) = spec.split_once('=').ok_or_else(|| bad("missing '='"))?;
+        let name = name.trim();
+        if name.is_empty() {
+            return Err(bad("empty name"));
+        }
+        if name
+            .chars()
+            .any(|c| c.is_whitespace() || c == ',' || c == '=')
+        {
+            return Err(bad("names may not contain spaces, ',' or '='"));
+        }
+        let mut parts = rest.split(',');
+        let addr_text = parts.next().unwrap_or_default().trim();
+        let addr = resolve(addr_text).map_err(|why| bad(&why))?;
+        let mut weight = 1;
+        for opt in parts {
+            match opt.trim().split_once('=') {
+                Some(("weight", w)) => {
+                    weight = w
+                        .trim()
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|w| *w <= MAX_WEIGHT)
+                        .ok_or_else(|| {
+                            bad(&format!(
+                                "weight {w:?} is not a whole number 0..={MAX_WEIGHT}"
+                            ))
+                        })?;
+                }
+                _ => return Err(bad(&format!("unknown option {opt:?} (only weight=N)"))),
+            }
+        }
+        Ok(BackendSpec {
+            name: name.to_string(),
+            addr,
+            weight,
+        })
+    }
+}
+
+impl fmt::Display for BackendSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={},weight={}", self.name, self.addr, self.weight)
+    }
+}
+
+fn resolve(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let mut addrs = text
+        .to_socket_addrs()
+        .map_err(|e| format!("address {text:?} does not resolve: {e}"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("address {text:?} resolves to nothing"))
+}
+
+/// What to do when a key's first-choice backend cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Failover {
+    /// Try the key's next choice (caches, game lobbies). The default.
+    #[default]
+    Next,
+    /// Fail fast: never send a key to a second node (shards where a second writer corrupts).
+    None,
+}
+
+/// Everything the proxy needs to run one listener.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Client-facing listen address.
+    pub listen: SocketAddr,
+    /// Admin/metrics listen address; no admin listener when `None`.
+    pub admin: Option<SocketAddr>,
+    /// The backends, in any order (order never affects routing).
+    pub backends: Vec<BackendSpec>,
+    /// The key header format.
+    pub header: HeaderFormat,
+    /// Deadline for the whole key header, from accept.
+    pub header_timeout: Duration,
+    /// Deadline for each backend connect attempt.
+    pub connect_timeout: Duration,
+    /// Distinct backends tried per connection (never the same one twice).
+    pub max_tries: u32,
+    /// Whether a key may go to its next choice when its owner is unreachable.
+    pub failover: Failover,
+    /// Close a connection when neither direction moved a byte for this long.
+    pub idle_timeout: Option<Duration>,
+    /// Concurrent client connections; more are closed at once and counted.
+    pub max_connections: usize,
+    /// Time connections get to finish on shutdown.
+    pub drain_timeout: Duration,
+}
+
+impl ProxyConfig {
+    /// A configuration with every default, for `listen` and `backends`.
+    pub fn new(listen: SocketAddr, backends: Vec<BackendSpec>) -> Self {
+        ProxyConfig {
+            listen,
+            admin: None,
+            backends,
+            header: HeaderFormat::default(),
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_tries: DEFAULT_MAX_TRIES,
+            failover: Failover::Next,
+            idle_timeout: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
+
+    /// Checks every value and their consistency; the error says what to change.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.backends.is_empty() {
+            return Err(ConfigError::NoBackends);
+        }
+        Router::new(self.backends.iter().map(|b| (b.name.as_str(), b.weight)))?;
+        let invalid = |field, why: String| Err(ConfigError::Invalid { field, why });
+        let max_len = self.header.len_bytes.max_value();
+        if self.header.max_key_len == 0 {
+            return invalid("--max-key-len", "must be at least 1".into());
+        }
+        if u64::from(self.header.max_key_len) > max_len {
+            return invalid(
+                "--max-key-len",
+                format!(
+                    "{} does not fit a {}-byte length field (at most {max_len})",
+                    self.header.max_key_len,
+                    self.header.len_bytes.width()
+                ),
+            );
+        }
+        if self.header.max_key_len > MAX_KEY_LEN_LIMIT {
+            return invalid(
+                "--max-key-len",
+                format!("at most {MAX_KEY_LEN_LIMIT} bytes (the header is buffered in memory)"),
+            );
+        }
+        for (field, d) in [
+            ("--header-timeout", self.header_timeout),
+            ("--connect-timeout", self.connect_timeout),
+        ] {
+            if d.is_zero() {
+                return invalid(field, "must be greater than zero".into());
+            }
+        }
+        if !(1..=MAX_TRIES).contains(&self.max_tries) {
+            return invalid("--max-tries", format!("must be 1..={MAX_TRIES}"));
+        }
+        if self.max_connections == 0 {
+            return invalid("--max-connections", "must be at least 1".into());
+        }
+        if self.idle_timeout.is_some_and(|d| d.is_zero()) {
+            return invalid("--idle-timeout", "use 'off' rather than 0".into());
+        }
+        Ok(())
+    }
+
+    /// Distinct backends a connection may try, given the failover policy.
+    pub fn effective_tries(&self) -> u32 {
+        match self.failover {
+            Failover::Next => self.max_tries,
+            Failover::None => 1,
+        }
+    }
+}
+
+/// Largest `max_key_len` accepted (64 KiB): the header is buffered per connection.
+pub const MAX_KEY_LEN_LIMIT: u32 = 65_536;
+
+/// Parses a duration as `250ms`, `5s`, `1m` (or any humantime form).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?} is not a duration ({e}); write e.g. 250ms, 5s or 1m"))
+}
+
+/// Parses an optional duration: `off`, `none` or `0` mean no timeout.
+pub fn parse_optional_duration(text: &str) -> Result<Option<Duration>, String> {
+    match text.trim() {
+        "off" | "none" | "0" => Ok(None),
+        other => parse_duration(other).map(Some),
+    }
+}
+
+/// Parses the length-field width flag.
+pub fn parse_len_bytes(text: &str) -> Result<LenBytes, String> {
+    text.trim()
+        .parse::<u8>()
+        .ok()
+        .and_then(LenBytes::from_width)
+        .ok_or_else(|| format!("{text:?}: the length field is 1, 2 or 4 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_specs() {
+        let b: BackendSpec = "b1=127.0.0.1:9001".parse().unwrap();
+        assert_eq!((b.name.as_str(), b.weight), ("b1", 1));
+        let b: BackendSpec = "b2=127.0.0.1:9002,weight=2".parse().unwrap();
+        assert_eq!(b.weight, 2);
+        let b: BackendSpec = "drained=localhost:9003,weight=0".parse().unwrap();
+        assert_eq!(b.weight, 0);
+        for bad in [
+            "127.0.0.1:9001",
+            "=127.0.0.1:1",
+            "b=nonsense",
+            "b=127.0.0.1:1,weight=x",
+            "b=127.0.0.1:1,weight=-1",
+            "b=127.0.0.1:1,colour=red",
+            "a b=127.0.0.1:1",
+        ] {
+            let err = bad.parse::<BackendSpec>().unwrap_err().to_string();
+            assert!(err.contains("expected NAME=HOST:PORT"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_optional_duration("off"), Ok(None));
+    }
+
+    #[test]
+    fn validation_says_what_to_fix() {
+        let b = |s: &str| s.parse::<BackendSpec>().unwrap();
+        let listen = "127.0.0.1:0".parse().unwrap();
+        let mut c = ProxyConfig::new(listen, vec![b("a=127.0.0.1:1"), b("a=127.0.0.1:2")]);
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("appears twice"));
+        c.backends.pop();
+        c.validate().unwrap();
+        c.header.len_bytes = LenBytes::One;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--max-key-len"));
+        c.header.len_bytes = LenBytes::Two;
+        c.max_tries = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--max-tries"));
+        c.max_tries = 3;
+        c.backends.clear();
+        assert!(matches!(c.validate(), Err(ConfigError::NoBackends)));
+    }
+}

@@ -1,0 +1,363 @@
+//! Metrics: every metric name in one place, and the handles the data path bumps.
+//!
+//! Each proxy owns its own Prometheus recorder (no global state, so several proxies in one
+//! process — tests, the demo — keep separate counts). Handles are registered once, at start
+//! or when a backend joins the table, so the per-connection and per-chunk cost is an atomic
+//! add. Labels are bounded (`backend`, `reason`, `direction`, `result`); a key is never a
+//! label.
+
+use std::sync::Arc;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use crate::header::HeaderError;
+
+/// Client connections accepted.
+pub const CONNECTIONS_ACCEPTED: &str = "shardproxy_connections_accepted_total";
+/// Client connections currently open.
+pub const CONNECTIONS_ACTIVE: &str = "shardproxy_connections_active";
+/// Client connections closed at once because a limit was reached, by `reason`.
+pub const CONNECTIONS_REJECTED: &str = "shardproxy_connections_rejected_total";
+/// Connections that ended in an error, by `reason`.
+pub const CONNECTION_ERRORS: &str = "shardproxy_connection_errors_total";
+/// Malformed or late key headers, by `reason`.
+pub const HEADER_ERRORS: &str = "shardproxy_header_errors_total";
+/// Accept failures, by `reason` (`fd_exhausted`, `other`).
+pub const ACCEPT_ERRORS: &str = "shardproxy_accept_errors_total";
+/// Connections established to a backend, by `backend`.
+pub const BACKEND_CONNECTIONS: &str = "shardproxy_backend_connections_total";
+/// Proxied connections currently open to a backend, by `backend`.
+pub const BACKEND_ACTIVE: &str = "shardproxy_backend_connections_active";
+/// Failed connect attempts, by `backend` and `reason` (`refused`, `timeout`, `other`).
+pub const BACKEND_CONNECT_FAILURES: &str = "shardproxy_backend_connect_failures_total";
+/// Bytes forwarded, by `backend` and `direction` (`client_to_backend`, `backend_to_client`).
+pub const BACKEND_BYTES: &str = "shardproxy_backend_bytes_total";
+/// Time to establish a backend connection, by `backend`.
+pub const BACKEND_CONNECT_SECONDS: &str = "shardproxy_backend_connect_duration_seconds";
+/// Keys sent to a later choice because an earlier one failed, by the failed `backend`.
+pub const FAILOVERS: &str = "shardproxy_failovers_total";
+/// Routing table generation (increments on every membership change).
+pub const TABLE_GENERATION: &str = "shardproxy_routing_table_generation";
+/// Routing table fingerprint (low 52 bits, exact in a float): equal on proxies that agree.
+pub const TABLE_FINGERPRINT: &str = "shardproxy_routing_table_fingerprint";
+/// Buffered-copy fallbacks taken because no splice pipe could be had.
+pub const SPLICE_FALLBACKS: &str = "shardproxy_splice_fallbacks_total";
+/// File descriptors open in the process (sampled at scrape).
+pub const OPEN_FDS: &str = "shardproxy_open_fds";
+/// The process's soft fd limit.
+pub const FD_LIMIT: &str = "shardproxy_fd_limit";
+
+/// Histogram buckets for connect latency, in seconds.
+const CONNECT_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0,
+];
+
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+/// A proxy's metrics: the recorder plus the handles that are not per backend.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    accepted: Counter,
+    active: Gauge,
+    header_errors: [Counter; HeaderError::ALL.len()],
+    rejected_max_connections: Counter,
+    accept_fd_exhausted: Counter,
+    accept_other: Counter,
+    splice_fallbacks: Counter,
+    open_fds: Gauge,
+    fd_limit: Gauge,
+    generation: Gauge,
+    fingerprint: Gauge,
+}
+
+impl Metrics {
+    /// A fresh recorder with every metric described and the fixed handles registered.
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full(BACKEND_CONNECT_SECONDS.to_string()),
+                CONNECT_BUCKETS,
+            )
+            .expect("bucket list is non-empty")
+            .build_recorder();
+        describe(&recorder);
+        let handle = recorder.handle();
+        let counter = |name: &'static str, labels: &[(&'static str, &'static str)]| {
+            recorder.register_counter(&key(name, labels), &METADATA)
+        };
+        let gauge = |name: &'static str| recorder.register_gauge(&key(name, &[]), &METADATA);
+        let header_errors =
+            HeaderError::ALL.map(|e| counter(HEADER_ERRORS, &[("reason", e.reason())]));
+        Metrics {
+            inner: Arc::new(Inner {
+                accepted: counter(CONNECTIONS_ACCEPTED, &[]),
+                active: gauge(CONNECTIONS_ACTIVE),
+                header_errors,
+                rejected_max_connections: counter(
+                    CONNECTIONS_REJECTED,
+                    &[("reason", "max_connections")],
+                ),
+                accept_fd_exhausted: counter(ACCEPT_ERRORS, &[("reason", "fd_exhausted")]),
+                accept_other: counter(ACCEPT_ERRORS, &[("reason", "other")]),
+                splice_fallbacks: counter(SPLICE_FALLBACKS, &[]),
+                open_fds: gauge(OPEN_FDS),
+                fd_limit: gauge(FD_LIMIT),
+                generation: gauge(TABLE_GENERATION),
+                fingerprint: gauge(TABLE_FINGERPRINT),
+                handle,
+                recorder,
+            }),
+        }
+    }
+
+    /// The Prometheus text exposition of every metric, with process gauges sampled now.
+    pub fn render(&self) -> String {
+        if let Some(n) = count_open_fds() {
+            self.inner.open_fds.set(n as f64);
+        }
+        if let Ok((soft, _)) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        {
+            self.inner.fd_limit.set(soft as f64);
+        }
+        self.inner.handle.run_upkeep();
+        self.inner.handle.render()
+    }
+
+    /// Counts an accepted client connection (admitted or not).
+    pub fn accepted(&self) {
+        self.inner.accepted.increment(1);
+    }
+
+    /// Marks a client connection active until the returned guard drops.
+    pub fn active_connection(&self) -> ActiveGuard {
+        ActiveGuard::new(self.inner.active.clone())
+    }
+
+    /// Counts a header error.
+    pub fn header_error(&self, e: HeaderError) {
+        self.inner.header_errors[e.index()].increment(1);
+    }
+
+    /// Counts a connection closed because `max_connections` was reached.
+    pub fn rejected_max_connections(&self) {
+        self.inner.rejected_max_connections.increment(1);
+    }
+
+    /// Counts an accept failure.
+    pub fn accept_error(&self, fd_exhausted: bool) {
+        if fd_exhausted {
+            self.inner.accept_fd_exhausted.increment(1);
+        } else {
+            self.inner.accept_other.increment(1);
+        }
+    }
+
+    /// Counts a buffered-copy fallback.
+    pub fn splice_fallback(&self) {
+        self.inner.splice_fallbacks.increment(1);
+    }
+
+    /// Counts a connection that ended in an error (registered on first use per reason).
+    pub fn connection_error(&self, reason: &'static str) {
+        self.counter(CONNECTION_ERRORS, &[("reason", reason)])
+            .increment(1);
+    }
+
+    /// Publishes the routing table's generation and fingerprint.
+    pub fn set_table(&self, generation: u64, fingerprint: u64) {
+        self.inner.generation.set(generation as f64);
+        self.inner
+            .fingerprint
+            .set((fingerprint & ((1 << 52) - 1)) as f64);
+    }
+
+    /// Registers the handles for one backend.
+    pub fn backend(&self, name: &str) -> BackendMetrics {
+        let label = |extra: &[(&'static str, &'static str)]| {
+            let mut labels = vec![Label::new("backend", name.to_string())];
+            labels.extend(extra.iter().map(|(k, v)| Label::new(*k, *v)));
+            labels
+        };
+        let r = &self.inner.recorder;
+        let counter = |metric: &'static str, extra: &[(&'static str, &'static str)]| {
+            r.register_counter(&Key::from_parts(metric, label(extra)), &METADATA)
+        };
+        BackendMetrics {
+            connections: counter(BACKEND_CONNECTIONS, &[]),
+            active: r.register_gauge(&Key::from_parts(BACKEND_ACTIVE, label(&[])), &METADATA),
+            refused: counter(BACKEND_CONNECT_FAILURES, &[("reason", "refused")]),
+            timeout: counter(BACKEND_CONNECT_FAILURES, &[("reason", "timeout")]),
+            other: counter(BACKEND_CONNECT_FAILURES, &[("reason", "other")]),
+            failovers: counter(FAILOVERS, &[]),
+            bytes_to_backend: counter(BACKEND_BYTES, &[("direction", "client_to_backend")]),
+            bytes_to_client: counter(BACKEND_BYTES, &[("direction", "backend_to_client")]),
+            connect_seconds: r.register_histogram(
+                &Key::from_parts(BACKEND_CONNECT_SECONDS, label(&[])),
+                &METADATA,
+            ),
+        }
+    }
+
+    fn counter(&self, name: &'static str, labels: &[(&'static str, &'static str)]) -> Counter {
+        self.inner
+            .recorder
+            .register_counter(&key(name, labels), &METADATA)
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Per-backend handles, registered when the backend joins the table.
+#[derive(Clone)]
+pub struct BackendMetrics {
+    /// Connections established.
+    pub connections: Counter,
+    /// Connections open now.
+    pub active: Gauge,
+    /// Connect attempts refused.
+    pub refused: Counter,
+    /// Connect attempts that timed out.
+    pub timeout: Counter,
+    /// Connect attempts that failed otherwise.
+    pub other: Counter,
+    /// Keys moved off this backend to a later choice.
+    pub failovers: Counter,
+    /// Bytes client → backend.
+    pub bytes_to_backend: Counter,
+    /// Bytes backend → client.
+    pub bytes_to_client: Counter,
+    /// Connect latency.
+    pub connect_seconds: Histogram,
+}
+
+/// Decrements a gauge when dropped: an "active" count that cannot leak on any exit path.
+pub struct ActiveGuard(Gauge);
+
+impl ActiveGuard {
+    /// Increments `gauge` now and decrements it on drop.
+    pub fn new(gauge: Gauge) -> Self {
+        gauge.increment(1.0);
+        ActiveGuard(gauge)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
+    Key::from_parts(
+        name,
+        labels
+            .iter()
+            .map(|(k, v)| Label::new(*k, *v))
+            .collect::<Vec<_>>(),
+    )
+}
+
+fn describe(r: &PrometheusRecorder) {
+    let d = |name: &'static str, unit: Option<Unit>, help: &'static str| {
+        (
+            SharedString::const_str(name),
+            unit,
+            SharedString::const_str(help),
+        )
+    };
+    let counters = [
+        d(CONNECTIONS_ACCEPTED, None, "Client connections accepted."),
+        d(
+            CONNECTIONS_REJECTED,
+            None,
+            "Client connections closed at once because a limit was reached.",
+        ),
+        d(
+            CONNECTION_ERRORS,
+            None,
+            "Connections that ended in an error, by reason.",
+        ),
+        d(
+            HEADER_ERRORS,
+            None,
+            "Malformed or late key headers; no backend was contacted.",
+        ),
+        d(
+            ACCEPT_ERRORS,
+            None,
+            "accept() failures; fd exhaustion pauses accepting.",
+        ),
+        d(
+            BACKEND_CONNECTIONS,
+            None,
+            "Connections established to a backend.",
+        ),
+        d(
+            BACKEND_CONNECT_FAILURES,
+            None,
+            "Failed backend connect attempts.",
+        ),
+        d(
+            BACKEND_BYTES,
+            Some(Unit::Bytes),
+            "Bytes forwarded, by direction.",
+        ),
+        d(
+            FAILOVERS,
+            None,
+            "Keys sent to their next choice because this backend failed.",
+        ),
+        d(
+            SPLICE_FALLBACKS,
+            None,
+            "Buffered-copy fallbacks taken because no pipe could be had.",
+        ),
+    ];
+    for (name, unit, help) in counters {
+        r.describe_counter(name.into(), unit, help);
+    }
+    let gauges = [
+        d(CONNECTIONS_ACTIVE, None, "Client connections open now."),
+        d(
+            BACKEND_ACTIVE,
+            None,
+            "Proxied connections open now, per backend.",
+        ),
+        d(TABLE_GENERATION, None, "Routing table generation."),
+        d(
+            TABLE_FINGERPRINT,
+            None,
+            "Routing table fingerprint (low 52 bits).",
+        ),
+        d(OPEN_FDS, None, "File descriptors open in the process."),
+        d(FD_LIMIT, None, "Soft limit on open file descriptors."),
+    ];
+    for (name, unit, help) in gauges {
+        r.describe_gauge(name.into(), unit, help);
+    }
+    r.describe_histogram(
+        SharedString::const_str(BACKEND_CONNECT_SECONDS).into(),
+        Some(Unit::Seconds),
+        SharedString::const_str("Time to establish a backend connection."),
+    );
+}
+
+fn count_open_fds() -> Option<usize> {
+    std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count())
+}

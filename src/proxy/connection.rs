@@ -1,0 +1,334 @@
+//! One client connection's life, read top to bottom as phases:
+//! read header → route → connect → write preamble → forward → finish.
+//!
+//! Each phase has its own deadline and error variant; the connection ends with exactly one
+//! log event and its metrics. The header phase is the only one under the header deadline
+//! (go-proxyproto#65: a deadline never cleared later kills healthy connections).
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use nix::sys::socket::{recv, MsgFlags};
+use tokio::io::{AsyncWriteExt, Interest};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use super::forward::{forward, Transfer};
+use super::sockopt::{set_nodelay, set_reset_on_close};
+use super::Shared;
+use crate::backend::RoutingTable;
+use crate::config::MAX_TRIES;
+use crate::error::{ConnError, Side};
+use crate::header::{HeaderError, HeaderFormat, HeaderMode, Parse};
+use crate::metrics::ActiveGuard;
+use crate::routing::KeyDigest;
+
+/// Serves one accepted client to the end. Never panics, never returns an error: the outcome
+/// is logged once and counted.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    client: TcpStream,
+    peer: SocketAddr,
+    kill: CancellationToken,
+) {
+    let _active = shared.metrics.active_connection();
+    let started = Instant::now();
+    let outcome = tokio::select! {
+        r = phases(&shared, client) => r,
+        () = kill.cancelled() => Err((ConnError::Shutdown, None)),
+    };
+    let elapsed = started.elapsed();
+    match outcome {
+        Ok((backend, t)) => debug!(
+            %peer, %backend, to_backend = t.to_backend, to_client = t.to_client,
+            ?elapsed, "connection closed"
+        ),
+        Err((ConnError::Header(e), _)) => {
+            shared.metrics.header_error(e);
+            debug!(%peer, reason = e.reason(), ?elapsed, "bad key header: closed before routing");
+        }
+        Err((e, backend)) => {
+            shared.metrics.connection_error(e.reason());
+            let backend = backend.as_deref().unwrap_or("-");
+            match e.side() {
+                Side::Backend => {
+                    info!(%peer, backend, reason = e.reason(), error = %e, "connection failed")
+                }
+                _ => debug!(%peer, backend, reason = e.reason(), error = %e, "connection ended"),
+            }
+        }
+    }
+}
+
+type Outcome = Result<(Arc<str>, Transfer), (ConnError, Option<Arc<str>>)>;
+
+async fn phases(shared: &Shared, client: TcpStream) -> Outcome {
+    let cfg = &shared.config;
+    let fmt = cfg.header;
+
+    // Phase 1: the key header, under the header deadline only.
+    let mut buf = vec![0u8; fmt.max_header_len()];
+    let head = match timeout(cfg.header_timeout, read_header(&client, &fmt, &mut buf)).await {
+        Ok(r) => r.map_err(|e| (e, None))?,
+        Err(_) => return Err((HeaderError::Timeout.into(), None)),
+    };
+    let key = match fmt.parse(&buf[..head.filled]) {
+        Parse::Done { key, .. } => key,
+        // read_header returns only once the header parsed as Done.
+        _ => return Err((HeaderError::Eof.into(), None)),
+    };
+
+    // Phase 2 and 3: route on one table snapshot, connect in rank order.
+    let table = shared.table.load_full();
+    let (index, backend) = connect(shared, &table, KeyDigest::of(key))
+        .await
+        .map_err(|e| (e, None))?;
+    let be = &table.backends[index];
+    let name = be.name.clone();
+    let fail = |e: ConnError| (e, Some(name.clone()));
+    let _backend_active = ActiveGuard::new(be.metrics.active.clone());
+    set_nodelay(&client);
+    set_nodelay(&backend);
+
+    // Phase 4: the preamble — the header unless stripped, and whatever came after it.
+    let start = match fmt.mode {
+        HeaderMode::Forward => 0,
+        HeaderMode::Strip => head.consumed,
+    };
+    let mut backend = backend;
+    if start < head.filled {
+        backend
+            .write_all(&buf[start..head.filled])
+            .await
+            .map_err(|source| {
+                fail(ConnError::Preamble {
+                    addr: be.addr,
+                    source,
+                })
+            })?;
+        be.metrics
+            .bytes_to_backend
+            .increment((head.filled - start) as u64);
+    }
+    drop(buf); // nothing of the header phase lives on into a long connection
+
+    // Phase 5: splice both ways.
+    let result = forward(
+        &client,
+        &backend,
+        &be.metrics.bytes_to_backend,
+        &be.metrics.bytes_to_client,
+        cfg.idle_timeout,
+        &shared.metrics,
+    )
+    .await;
+    match result {
+        Ok(mut t) => {
+            t.to_backend += (head.filled - start) as u64;
+            Ok((name, t))
+        }
+        Err(e) => {
+            if let ConnError::Forward { .. } = e {
+                // Propagate the reset: the healthy side learns by RST, not by a clean FIN.
+                set_reset_on_close(&client);
+                set_reset_on_close(&backend);
+            }
+            Err(fail(e))
+        }
+    }
+}
+
+/// Where the header ended in the bytes read so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HeaderRead {
+    /// Bytes the header occupies.
+    pub consumed: usize,
+    /// Bytes received (header plus any payload that arrived with it).
+    pub filled: usize,
+}
+
+/// Reads (consuming) until the header is complete. Reads at most `buf.len()` bytes, which is
+/// the longest valid header, so a client can never make the proxy buffer more.
+pub(crate) async fn read_header(
+    client: &TcpStream,
+    fmt: &HeaderFormat,
+    buf: &mut [u8],
+) -> Result<HeaderRead, ConnError> {
+    let mut filled = 0;
+    loop {
+        match fmt.parse(&buf[..filled]) {
+            Parse::Need(_) => {}
+            Parse::Done { consumed, .. } => return Ok(HeaderRead { consumed, filled }),
+            Parse::Error(e) => return Err(e.into()),
+        }
+        client.readable().await.map_err(ConnError::HeaderIo)?;
+        match client.try_read(&mut buf[filled..]) {
+            Ok(0) => return Err(HeaderError::Eof.into()),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(ConnError::HeaderIo(e)),
+        }
+    }
+}
+
+/// Like [`read_header`] but with `MSG_PEEK`: the bytes stay queued in the socket (so a
+/// connection can be handed off with them, DESIGN §6). Waits for *new* bytes between peeks
+/// by clearing readiness when a peek sees nothing new.
+#[allow(
+    dead_code,
+    reason = "the DSR hand-off (DESIGN §6) reads the header this way"
+)]
+pub(crate) async fn peek_header(
+    client: &TcpStream,
+    fmt: &HeaderFormat,
+    buf: &mut [u8],
+) -> Result<HeaderRead, ConnError> {
+    let mut seen = 0;
+    loop {
+        let ready = client
+            .ready(Interest::READABLE)
+            .await
+            .map_err(ConnError::HeaderIo)?;
+        // Closed states stay set once seen, so FIN with nothing new must end the loop here.
+        let closed = ready.is_read_closed();
+        let peeked = client.try_io(Interest::READABLE, || {
+            let n = recv(
+                client.as_raw_fd(),
+                buf,
+                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+            )
+            .map_err(io::Error::from)?;
+            if n == seen && !closed {
+                // Nothing new: clear readiness so the next wait sleeps until more arrives.
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        let n = match peeked {
+            Ok(n) if n == seen => return Err(HeaderError::Eof.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(ConnError::HeaderIo(e)),
+        };
+        seen = n;
+        match fmt.parse(&buf[..n]) {
+            Parse::Need(_) => {}
+            Parse::Done { consumed, .. } => {
+                return Ok(HeaderRead {
+                    consumed,
+                    filled: n,
+                })
+            }
+            Parse::Error(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Connects to the first reachable backend in the key's rank order, never trying one twice.
+async fn connect(
+    shared: &Shared,
+    table: &RoutingTable,
+    digest: KeyDigest,
+) -> Result<(usize, TcpStream), ConnError> {
+    let tries = (shared.config.effective_tries() as usize).min(MAX_TRIES as usize);
+    let mut tried = [usize::MAX; MAX_TRIES as usize];
+    let mut n = 0;
+    while n < tries {
+        let Some(index) = table.router.pick_excluding(digest, &tried[..n]) else {
+            break;
+        };
+        if n > 0 {
+            // The previous choice failed and the key moves on: a failover off that backend.
+            table.backends[tried[n - 1]].metrics.failovers.increment(1);
+        }
+        tried[n] = index;
+        n += 1;
+        let be = &table.backends[index];
+        let started = Instant::now();
+        match timeout(shared.config.connect_timeout, TcpStream::connect(be.addr)).await {
+            Ok(Ok(stream)) => {
+                be.metrics
+                    .connect_seconds
+                    .record(started.elapsed().as_secs_f64());
+                be.metrics.connections.increment(1);
+                return Ok((index, stream));
+            }
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                be.metrics.refused.increment(1)
+            }
+            Ok(Err(_)) => be.metrics.other.increment(1),
+            Err(_) => be.metrics.timeout.increment(1),
+        }
+    }
+    match n {
+        0 => Err(ConnError::NoBackend),
+        tries => Err(ConnError::ConnectFailed {
+            tries: tries as u32,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    #[tokio::test]
+    async fn peek_leaves_bytes_queued_and_waits_for_more() {
+        let (mut c, s) = pair().await;
+        let fmt = HeaderFormat::default();
+        let mut buf = vec![0u8; fmt.max_header_len()];
+        c.write_all(b"\x00\x05ab").await.unwrap();
+        let peek = tokio::spawn(async move {
+            let r = peek_header(&s, &fmt, &mut buf)
+                .await
+                .map_err(|e| e.to_string());
+            (r, s)
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        c.write_all(b"cdeTAIL").await.unwrap();
+        let (r, s) = peek.await.unwrap();
+        assert_eq!(
+            r.unwrap(),
+            HeaderRead {
+                consumed: 7,
+                filled: 11
+            }
+        );
+        // Everything is still queued: a consuming read gets the same header.
+        let mut buf = vec![0u8; fmt.max_header_len()];
+        let r = read_header(&s, &fmt, &mut buf).await.unwrap();
+        assert_eq!(r.consumed, 7);
+        assert_eq!(&buf[..r.filled], b"\x00\x05abcdeTAIL");
+    }
+
+    #[tokio::test]
+    async fn peek_reports_eof_and_bad_headers() {
+        let (mut c, s) = pair().await;
+        let fmt = HeaderFormat::default();
+        let mut buf = vec![0u8; fmt.max_header_len()];
+        c.write_all(b"\x00").await.unwrap();
+        drop(c);
+        let e = peek_header(&s, &fmt, &mut buf).await.unwrap_err();
+        assert!(matches!(e, ConnError::Header(HeaderError::Eof)), "{e}");
+
+        let (mut c, s) = pair().await;
+        c.write_all(b"\x00\x00").await.unwrap();
+        let e = peek_header(&s, &fmt, &mut buf).await.unwrap_err();
+        assert!(
+            matches!(e, ConnError::Header(HeaderError::ZeroLength)),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,285 @@
+//! Forwarding: bytes both ways with `splice(2)` until both halves are closed.
+//!
+//! Each direction is a pump: wait until the source is readable, take a pipe, splice socket →
+//! pipe, then drain the pipe completely into the destination before reading again. Driven by
+//! tokio readiness: the syscall runs inside `try_io`, so `EAGAIN` clears the readiness it
+//! belongs to (the approach of zhboner/realm). Because the pipe is always drained first:
+//! - a FIN from the source becomes `shutdown(SHUT_WR)` on the destination only once every
+//!   byte before it was delivered (haproxy#2505), while the other direction keeps flowing;
+//! - an `EAGAIN` on the read side can only mean "socket empty", never "pipe full".
+//!
+//! An idle direction gives its empty pipe back to the pool. When no pipe can be had (fd
+//! exhaustion) the pump copies through a small buffer instead. A reset or socket error on
+//! either side ends both directions; the caller then resets the other side. No lock and no
+//! allocation per byte: per chunk, one atomic add for the byte counter.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use metrics::Counter;
+use nix::fcntl::{splice, SpliceFFlags};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::pipe::{self, Pipe};
+use super::sockopt::shutdown_write;
+use crate::error::{ConnError, Side};
+use crate::metrics::Metrics;
+
+/// Buffer size of the copy fallback.
+const FALLBACK_BUF: usize = 16 * 1024;
+
+/// Bytes moved by a finished connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Transfer {
+    /// Client → backend (spliced; the preamble is counted by the caller).
+    pub to_backend: u64,
+    /// Backend → client.
+    pub to_client: u64,
+}
+
+/// One endpoint of a pump, with what to call its failures.
+pub struct End<'a> {
+    /// The socket.
+    pub stream: &'a TcpStream,
+    /// Which side it is.
+    pub side: Side,
+}
+
+/// Forwards both directions until both have seen EOF, an error, or the idle timeout.
+pub async fn forward(
+    client: &TcpStream,
+    backend: &TcpStream,
+    to_backend: &Counter,
+    to_client: &Counter,
+    idle_timeout: Option<Duration>,
+    metrics: &Metrics,
+) -> Result<Transfer, ConnError> {
+    let clock = idle_timeout.map(|_| Activity::new());
+    let c = End {
+        stream: client,
+        side: Side::Client,
+    };
+    let b = End {
+        stream: backend,
+        side: Side::Backend,
+    };
+    let up = pump(&c, &b, to_backend, clock.as_ref(), metrics);
+    let down = pump(&b, &c, to_client, clock.as_ref(), metrics);
+    let both = async { tokio::try_join!(up, down) };
+    let (to_backend, to_client) = match (idle_timeout, clock.as_ref()) {
+        (Some(limit), Some(clock)) => tokio::select! {
+            r = both => r?,
+            () = clock.expired(limit) => return Err(ConnError::Idle),
+        },
+        _ => both.await?,
+    };
+    Ok(Transfer {
+        to_backend,
+        to_client,
+    })
+}
+
+/// Moves bytes `src` → `dst` until `src` sends FIN, then half-closes `dst`.
+async fn pump(
+    src: &End<'_>,
+    dst: &End<'_>,
+    counter: &Counter,
+    clock: Option<&Activity>,
+    metrics: &Metrics,
+) -> Result<u64, ConnError> {
+    let read_err = |source| ConnError::Forward {
+        side: src.side,
+        source,
+    };
+    let mut total = 0u64;
+    let mut held: Option<Pipe> = None;
+    let mut fallback: Option<Box<[u8]>> = None;
+    loop {
+        if held.is_none() {
+            // Idle: hold no pipe until there is something to move.
+            src.stream.readable().await.map_err(read_err)?;
+        }
+        if held.is_none() && fallback.is_none() {
+            match pipe::acquire() {
+                Ok(p) => held = Some(p),
+                Err(_) => {
+                    metrics.splice_fallback();
+                    fallback = Some(vec![0u8; FALLBACK_BUF].into_boxed_slice());
+                }
+            }
+        }
+        let moved = match (&held, fallback.as_deref_mut()) {
+            (Some(pipe), _) => splice_chunk(src, dst, pipe).await?,
+            (None, Some(buf)) => copy_chunk(src, dst, buf).await?,
+            (None, None) => continue,
+        };
+        match moved {
+            Chunk::Moved(n) => {
+                total += n as u64;
+                counter.increment(n as u64);
+                if let Some(clock) = clock {
+                    clock.touch();
+                }
+                // A bulk stream may never see EAGAIN: let other connections run.
+                tokio::task::consume_budget().await;
+            }
+            Chunk::Empty => {
+                // The source is drained and so is the pipe: give it back while we wait.
+                if let Some(p) = held.take() {
+                    pipe::release(p);
+                }
+            }
+            Chunk::Eof => break,
+        }
+    }
+    if let Some(p) = held.take() {
+        pipe::release(p);
+    }
+    shutdown_write(dst.stream).map_err(|source| ConnError::Forward {
+        side: dst.side,
+        source,
+    })?;
+    Ok(total)
+}
+
+/// What one read-and-deliver step did.
+enum Chunk {
+    /// This many bytes were delivered to the destination.
+    Moved(usize),
+    /// The source had nothing (its readiness is now cleared).
+    Empty,
+    /// The source sent FIN.
+    Eof,
+}
+
+/// Splices what the source has into the (empty) pipe, then drains the pipe into `dst`.
+async fn splice_chunk(src: &End<'_>, dst: &End<'_>, pipe: &Pipe) -> Result<Chunk, ConnError> {
+    let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
+    let read = src.stream.try_io(Interest::READABLE, || {
+        splice(
+            src.stream,
+            None,
+            pipe.writer(),
+            None,
+            pipe.capacity(),
+            flags,
+        )
+        .map_err(io::Error::from)
+    });
+    let n = match read {
+        Ok(0) => return Ok(Chunk::Eof),
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Chunk::Empty),
+        Err(source) => {
+            return Err(ConnError::Forward {
+                side: src.side,
+                source,
+            })
+        }
+    };
+    let mut left = n;
+    while left > 0 {
+        let wrote = dst.stream.try_io(Interest::WRITABLE, || {
+            splice(pipe.reader(), None, dst.stream, None, left, flags).map_err(io::Error::from)
+        });
+        match wrote {
+            Ok(0) => {
+                return Err(ConnError::Forward {
+                    side: dst.side,
+                    source: io::ErrorKind::WriteZero.into(),
+                })
+            }
+            Ok(k) => left -= k,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                dst.stream
+                    .writable()
+                    .await
+                    .map_err(|source| ConnError::Forward {
+                        side: dst.side,
+                        source,
+                    })?;
+            }
+            Err(source) => {
+                return Err(ConnError::Forward {
+                    side: dst.side,
+                    source,
+                })
+            }
+        }
+    }
+    Ok(Chunk::Moved(n))
+}
+
+/// The fallback: read into `buf`, write it all to `dst`.
+async fn copy_chunk(src: &End<'_>, dst: &End<'_>, buf: &mut [u8]) -> Result<Chunk, ConnError> {
+    let n = match src.stream.try_read(buf) {
+        Ok(0) => return Ok(Chunk::Eof),
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Chunk::Empty),
+        Err(source) => {
+            return Err(ConnError::Forward {
+                side: src.side,
+                source,
+            })
+        }
+    };
+    let mut sent = 0;
+    while sent < n {
+        match dst.stream.try_write(&buf[sent..n]) {
+            Ok(k) => sent += k,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                dst.stream
+                    .writable()
+                    .await
+                    .map_err(|source| ConnError::Forward {
+                        side: dst.side,
+                        source,
+                    })?;
+            }
+            Err(source) => {
+                return Err(ConnError::Forward {
+                    side: dst.side,
+                    source,
+                })
+            }
+        }
+    }
+    Ok(Chunk::Moved(n))
+}
+
+/// Last time either direction moved bytes, for the idle timeout; shared by both pumps
+/// without a lock.
+struct Activity {
+    start: Instant,
+    /// Milliseconds after `start` of the last chunk.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Completes once nothing moved for `limit`.
+    async fn expired(&self, limit: Duration) {
+        loop {
+            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = last + limit;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! The proxy: listener, connection phases, splice forwarding, socket options.
+//!
+//! [`start`] validates the configuration, binds the listener (and the admin listener if
+//! asked), and spawns the accept loop on the current tokio runtime. The returned
+//! [`ProxyHandle`] reports the bound addresses, swaps the routing table, and shuts down
+//! gracefully: stop accepting, let connections finish up to the drain deadline, then close.
+
+mod connection;
+mod forward;
+mod listener;
+mod pipe;
+pub mod sockopt;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use forward::Transfer;
+pub use pipe::DEFAULT_PIPE_SIZE;
+
+use crate::admin;
+use crate::backend::RoutingTable;
+use crate::config::{BackendSpec, ProxyConfig};
+use crate::error::Error;
+use crate::metrics::Metrics;
+
+/// Listen backlog: the kernel queue absorbs bursts while the accept loop catches up.
+const LISTEN_BACKLOG: u32 = 4096;
+/// fds kept free for the listener, admin, logs and pipes when sizing `max_connections`.
+const FD_RESERVE: u64 = 64;
+
+/// State shared by the accept loop and every connection task.
+pub(crate) struct Shared {
+    /// The validated configuration.
+    pub config: ProxyConfig,
+    /// The routing snapshot; replaced whole, read lock-free.
+    pub table: ArcSwap<RoutingTable>,
+    /// Metric handles.
+    pub metrics: Metrics,
+    /// One permit per admitted connection.
+    pub limit: Arc<Semaphore>,
+    /// Generation of the next table.
+    next_generation: AtomicU64,
+}
+
+/// A running proxy. Dropping it stops accepting and closes connections at once; call
+/// [`ProxyHandle::shutdown`] for a graceful drain.
+pub struct ProxyHandle {
+    local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    kill: CancellationToken,
+    tracker: TaskTracker,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Validates `config`, binds, and starts serving on the current tokio runtime.
+pub async fn start(mut config: ProxyConfig) -> Result<ProxyHandle, Error> {
+    config.validate()?;
+    fit_to_fd_limit(&mut config);
+    let metrics = Metrics::new();
+    let table = RoutingTable::build(&config.backends, 1, &metrics)?;
+    let listener = bind(config.listen)?;
+    let local_addr = local_addr(&listener, config.listen)?;
+    let admin_listener = match config.admin {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    let admin_addr = match &admin_listener {
+        Some(l) => Some(local_addr_of(l)?),
+        None => None,
+    };
+    log_settings(&config, local_addr, admin_addr);
+
+    let shared = Arc::new(Shared {
+        limit: Arc::new(Semaphore::new(config.max_connections)),
+        table: ArcSwap::from_pointee(table),
+        metrics: metrics.clone(),
+        next_generation: AtomicU64::new(2),
+        config,
+    });
+    let stop = CancellationToken::new();
+    let kill = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let mut tasks = vec![tokio::spawn(listener::run_accept(
+        listener,
+        shared.clone(),
+        stop.clone(),
+        kill.clone(),
+        tracker.clone(),
+    ))];
+    if let Some(l) = admin_listener {
+        tasks.push(tokio::spawn(admin::run_admin(l, metrics, stop.clone())));
+    }
+    Ok(ProxyHandle {
+        local_addr,
+        admin_addr,
+        shared,
+        stop,
+        kill,
+        tracker,
+        tasks,
+    })
+}
+
+impl ProxyHandle {
+    /// The address clients connect to (resolved if the port was 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The admin address, if an admin listener runs.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The Prometheus text exposition, as `GET /metrics` serves it.
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.render()
+    }
+
+    /// The routing table in force.
+    pub fn table(&self) -> Arc<RoutingTable> {
+        self.shared.table.load_full()
+    }
+
+    /// Replaces the membership atomically. Established connections are untouched; new ones
+    /// route on the new table. On error the old table stays.
+    pub fn set_backends(&self, backends: &[BackendSpec]) -> Result<u64, Error> {
+        let generation = self.shared.next_generation.fetch_add(1, Ordering::Relaxed);
+        let table = RoutingTable::build(backends, generation, &self.shared.metrics)?;
+        self.shared.table.store(Arc::new(table));
+        info!(
+            generation,
+            backends = backends.len(),
+            "routing table replaced"
+        );
+        Ok(generation)
+    }
+
+    /// Stops accepting, waits up to the drain timeout for connections to finish, then
+    /// closes the rest. Returns how many connections were cut at the deadline.
+    pub async fn shutdown(mut self) -> usize {
+        self.stop.cancel();
+        self.tracker.close();
+        let drain = self.shared.config.drain_timeout;
+        let open = self.tracker.len();
+        if open > 0 {
+            info!(open, ?drain, "draining connections");
+        }
+        let cut = match tokio::time::timeout(drain, self.tracker.wait()).await {
+            Ok(()) => 0,
+            Err(_) => {
+                let cut = self.tracker.len();
+                warn!(cut, "drain deadline passed: closing remaining connections");
+                self.kill.cancel();
+                self.tracker.wait().await;
+                cut
+            }
+        };
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        cut
+    }
+}
+
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.kill.cancel();
+    }
+}
+
+fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    let bind_err = |source| Error::Bind { addr, source };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(bind_err)?;
+    socket.set_reuseaddr(true).map_err(bind_err)?;
+    socket.bind(addr).map_err(bind_err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(bind_err)
+}
+
+fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, Error> {
+    listener
+        .local_addr()
+        .map_err(|source| Error::Bind { addr, source })
+}
+
+fn local_addr_of(listener: &TcpListener) -> Result<SocketAddr, Error> {
+    listener.local_addr().map_err(|source| Error::Io {
+        context: "reading the admin listener's address",
+        source,
+    })
+}
+
+/// Lowers `max_connections` if the fd limit cannot carry two sockets per connection.
+fn fit_to_fd_limit(config: &mut ProxyConfig) {
+    let Ok(limit) = sockopt::fd_limit() else {
+        return;
+    };
+    let fit = usize::try_from(limit.saturating_sub(FD_RESERVE) / 2).unwrap_or(usize::MAX);
+    if config.max_connections > fit {
+        warn!(
+            requested = config.max_connections,
+            allowed = fit,
+            fd_limit = limit,
+            "max connections lowered to fit the fd limit (two sockets per connection)"
+        );
+        config.max_connections = fit.max(1);
+    }
+}
+
+fn log_settings(config: &ProxyConfig, listen: SocketAddr, admin: Option<SocketAddr>) {
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    let fd_limit = sockopt::fd_limit().unwrap_or(0);
+    info!(
+        %listen,
+        admin = %admin.map_or_else(|| "off".to_string(), |a| a.to_string()),
+        backends = config.backends.len(),
+        header = %config.header,
+        header_timeout = ?config.header_timeout,
+        connect_timeout = ?config.connect_timeout,
+        max_tries = config.max_tries,
+        failover = ?config.failover,
+        idle_timeout = ?config.idle_timeout,
+        max_connections = config.max_connections,
+        drain_timeout = ?config.drain_timeout,
+        workers,
+        fd_limit,
+        pipe_size = DEFAULT_PIPE_SIZE,
+        "shardproxy started; limits and timeouts in force"
+    );
+}
