@@ -1,0 +1,186 @@
+//! Shared fixtures for the integration tests: fake backends on port 0, an in-process proxy,
+//! a Prometheus text reader and deterministic data. Everything binds 127.0.0.1:0.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use shardproxy::config::{BackendSpec, ProxyConfig};
+use shardproxy::echo::EchoBackend;
+use shardproxy::ProxyHandle;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// The loopback address with port 0.
+pub fn any_port() -> SocketAddr {
+    ([127, 0, 0, 1], 0).into()
+}
+
+/// Starts `n` echo backends named `b1..bn`.
+pub async fn echo_backends(n: usize) -> Vec<EchoBackend> {
+    let mut v = Vec::new();
+    for i in 1..=n {
+        v.push(
+            EchoBackend::start(any_port(), &format!("b{i}"))
+                .await
+                .expect("bind echo backend"),
+        );
+    }
+    v
+}
+
+/// Backend specs (weight 1) for running echo backends.
+pub fn specs(backends: &[EchoBackend]) -> Vec<BackendSpec> {
+    backends
+        .iter()
+        .map(|b| BackendSpec {
+            name: b.name().to_string(),
+            addr: b.local_addr(),
+            weight: 1,
+        })
+        .collect()
+}
+
+/// Starts an in-process proxy on 127.0.0.1:0 with an admin listener, after `tweak`.
+pub async fn start_proxy(
+    backends: Vec<BackendSpec>,
+    tweak: impl FnOnce(&mut ProxyConfig),
+) -> ProxyHandle {
+    let mut config = ProxyConfig::new(any_port(), backends);
+    config.admin = Some(any_port());
+    tweak(&mut config);
+    shardproxy::start(config).await.expect("start proxy")
+}
+
+/// The value of one sample in Prometheus text, e.g.
+/// `metric(&text, "shardproxy_header_errors_total{reason=\"eof\"}")`; 0 if absent.
+pub fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == sample).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// An address on which nothing listens: connects are refused at once.
+pub fn refusing_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind(any_port()).expect("bind");
+    let addr = l.local_addr().expect("addr");
+    drop(l);
+    addr
+}
+
+/// A backend that accepts, counts, and holds connections without ever reading or writing
+/// (a "stalled" backend); also proves whether the proxy contacted it at all.
+pub struct CountingBackend {
+    /// Bound address.
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl CountingBackend {
+    /// Binds 127.0.0.1:0 and starts accepting.
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind(any_port()).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicU64::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut held: Vec<TcpStream> = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                held.push(s);
+            }
+        });
+        CountingBackend {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for CountingBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), cheap enough for hundreds of MiB.
+pub fn fill_prng(seed: u64, buf: &mut [u8]) {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in buf.chunks_mut(8) {
+        s ^= s >> 12;
+        s ^= s << 25;
+        s ^= s >> 27;
+        let v = s.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}
+
+/// A stream of deterministic bytes: `PrngStream::new(seed)` yields the same sequence every
+/// time, in chunks of any size, so a sender and a checker need not hold the whole payload.
+pub struct PrngStream {
+    state: u64,
+    pending: [u8; 8],
+    pending_len: usize,
+}
+
+impl PrngStream {
+    /// A stream for `seed`.
+    pub fn new(seed: u64) -> Self {
+        PrngStream {
+            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+            pending: [0; 8],
+            pending_len: 0,
+        }
+    }
+
+    /// Fills `buf` with the next bytes of the stream.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf.iter_mut() {
+            if self.pending_len == 0 {
+                let s = &mut self.state;
+                *s ^= *s >> 12;
+                *s ^= *s << 25;
+                *s ^= *s >> 27;
+                self.pending = s.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+                self.pending_len = 8;
+            }
+            *b = self.pending[8 - self.pending_len];
+            self.pending_len -= 1;
+        }
+    }
+}
+
+/// `GET path` on the admin listener over plain HTTP/1.1; returns (status line, body).
+pub async fn http_get(admin: SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(admin).await.expect("connect admin");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("send request");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.expect("read response");
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let status = head.lines().next().unwrap_or_default().to_string();
+    (status, body.to_string())
+}
+
+/// Scrapes `/metrics` from a proxy's admin listener.
+pub async fn scrape(proxy: &ProxyHandle) -> String {
+    let admin = proxy
+        .admin_addr()
+        .expect("proxy started with an admin listener");
+    let (status, body) = http_get(admin, "/metrics").await;
+    assert!(status.contains("200"), "GET /metrics: {status}");
+    body
+}
