@@ -1,0 +1,2 @@
+//! End-to-end harness (placeholder until the benchmark harness lands).
+fn main() {}

@@ -1,0 +1,2 @@
+//! Criterion micro-benchmarks (placeholder until the benchmark harness lands).
+fn main() {}
