@@ -113,17 +113,17 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "next")]
     pub failover: FailoverArg,
     /// Close connections idle this long in both directions ('off' to disable).
-    #[arg(long, default_value = "off", value_parser = parse_optional_duration)]
-    pub idle_timeout: Option<Duration>,
+    #[arg(long, default_value = "off", value_parser = parse_idle_timeout)]
+    pub idle_timeout: IdleTimeout,
     /// Concurrent client connections; more are closed at once and counted.
     #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
     /// Time connections get to finish after SIGTERM/SIGINT.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
-    /// Worker threads (default: one per core).
-    #[arg(long)]
-    pub workers: Option<usize>,
+    /// Worker threads, each with its own SO_REUSEPORT listener (default: one per core).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
 }
 
 impl RunArgs {
@@ -139,7 +139,7 @@ impl RunArgs {
             FailoverArg::Next => Failover::Next,
             FailoverArg::None => Failover::None,
         };
-        c.idle_timeout = self.idle_timeout;
+        c.idle_timeout = self.idle_timeout.0;
         c.max_connections = self.max_connections;
         c.drain_timeout = self.drain_timeout;
         c
@@ -194,6 +194,14 @@ pub struct ClientArgs {
     /// Keys to send, one connection each.
     #[arg(required = true)]
     pub keys: Vec<String>,
+}
+
+/// A duration or `off` (clap needs a type of its own for an optional value with a default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdleTimeout(pub Option<Duration>);
+
+fn parse_idle_timeout(s: &str) -> Result<IdleTimeout, String> {
+    parse_optional_duration(s).map(IdleTimeout)
 }
 
 fn parse_backend(s: &str) -> Result<BackendSpec, String> {

@@ -34,5 +34,5 @@ pub mod routing;
 pub use config::{BackendSpec, ProxyConfig};
 pub use error::{ConfigError, ConnError, Error};
 pub use header::{HeaderFormat, Parse};
-pub use proxy::{start, ProxyHandle};
+pub use proxy::{start, start_with, ProxyHandle, Workers};
 pub use routing::Router;

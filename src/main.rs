@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use shardproxy::cli::{self, Cli, Command};
 use shardproxy::proxy::sockopt::raise_fd_limit;
+use shardproxy::Workers;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
@@ -19,20 +20,18 @@ fn main() -> ExitCode {
             })
         }))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = raise_fd_limit() {
         warn!(error = %e, "could not raise the fd limit");
     }
-    let workers = match &cli.command {
-        Command::Run(run) => run.workers,
-        _ => None,
+    // `run` serves on its own worker threads (one runtime each); this runtime only handles
+    // signals and the admin listener. The other subcommands use a normal runtime.
+    let mut rt = match cli.command {
+        Command::Run(_) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
     };
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    rt.enable_all();
-    if let Some(n) = workers {
-        rt.worker_threads(n.max(1));
-    }
-    let rt = match rt.build() {
+    let rt = match rt.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("shardproxy: cannot start the runtime: {e}");
@@ -68,7 +67,10 @@ async fn dispatch(command: Command) -> ExitCode {
 }
 
 async fn run(args: cli::RunArgs) -> ExitCode {
-    let proxy = match shardproxy::start(args.config()).await {
+    let workers = args.workers.map(usize::from).unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let proxy = match shardproxy::start_with(args.config(), Workers::Threads(workers)).await {
         Ok(p) => p,
         Err(shardproxy::Error::Config(e)) => {
             eprintln!("shardproxy: {e}");

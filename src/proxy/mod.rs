@@ -16,12 +16,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use forward::Transfer;
 pub use pipe::DEFAULT_PIPE_SIZE;
@@ -33,7 +33,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 
 /// Listen backlog: the kernel queue absorbs bursts while the accept loop catches up.
-const LISTEN_BACKLOG: u32 = 4096;
+const LISTEN_BACKLOG: i32 = 4096;
 /// fds kept free for the listener, admin, logs and pipes when sizing `max_connections`.
 const FD_RESERVE: u64 = 64;
 
@@ -61,16 +61,41 @@ pub struct ProxyHandle {
     kill: CancellationToken,
     tracker: TaskTracker,
     tasks: Vec<JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Where the accept loops and their connections run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Workers {
+    /// One accept loop on the caller's tokio runtime (tests, the demo, embedding).
+    #[default]
+    Current,
+    /// N threads, each a single-threaded runtime with its own `SO_REUSEPORT` listener: the
+    /// kernel spreads connections over them and a connection never changes thread.
+    Threads(usize),
 }
 
 /// Validates `config`, binds, and starts serving on the current tokio runtime.
-pub async fn start(mut config: ProxyConfig) -> Result<ProxyHandle, Error> {
+pub async fn start(config: ProxyConfig) -> Result<ProxyHandle, Error> {
+    start_with(config, Workers::Current).await
+}
+
+/// Validates `config`, binds, and starts serving with the given worker model. The admin
+/// listener (if any) runs on the caller's runtime.
+pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<ProxyHandle, Error> {
     config.validate()?;
     fit_to_fd_limit(&mut config);
     let metrics = Metrics::new();
     let table = RoutingTable::build(&config.backends, 1, &metrics)?;
-    let listener = bind(config.listen)?;
-    let local_addr = local_addr(&listener, config.listen)?;
+    let count = match workers {
+        Workers::Current => 1,
+        Workers::Threads(n) => n.max(1),
+    };
+    let listeners = bind_listeners(config.listen, count)?;
+    let local_addr = listeners[0].local_addr().map_err(|source| Error::Bind {
+        addr: config.listen,
+        source,
+    })?;
     let admin_listener = match config.admin {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -83,7 +108,7 @@ pub async fn start(mut config: ProxyConfig) -> Result<ProxyHandle, Error> {
         Some(l) => Some(local_addr_of(l)?),
         None => None,
     };
-    log_settings(&config, local_addr, admin_addr);
+    log_settings(&config, local_addr, admin_addr, count);
 
     let shared = Arc::new(Shared {
         limit: Arc::new(Semaphore::new(config.max_connections)),
@@ -95,13 +120,32 @@ pub async fn start(mut config: ProxyConfig) -> Result<ProxyHandle, Error> {
     let stop = CancellationToken::new();
     let kill = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let mut tasks = vec![tokio::spawn(listener::run_accept(
-        listener,
-        shared.clone(),
-        stop.clone(),
-        kill.clone(),
-        tracker.clone(),
-    ))];
+    let mut tasks = Vec::new();
+    let mut threads = Vec::new();
+    for (i, std_listener) in listeners.into_iter().enumerate() {
+        let accept = {
+            let (shared, stop, kill, tracker) =
+                (shared.clone(), stop.clone(), kill.clone(), tracker.clone());
+            move |listener| listener::run_accept(listener, shared, stop, kill, tracker)
+        };
+        match workers {
+            Workers::Current => {
+                let listener = from_std(std_listener)?;
+                tasks.push(tokio::spawn(accept(listener)));
+            }
+            Workers::Threads(_) => {
+                let (kill, tracker) = (kill.clone(), tracker.clone());
+                let thread = std::thread::Builder::new()
+                    .name(format!("shardproxy-w{i}"))
+                    .spawn(move || run_worker(std_listener, accept, kill, tracker))
+                    .map_err(|source| Error::Io {
+                        context: "spawning a worker thread",
+                        source,
+                    })?;
+                threads.push(thread);
+            }
+        }
+    }
     if let Some(l) = admin_listener {
         tasks.push(tokio::spawn(admin::run_admin(l, metrics, stop.clone())));
     }
@@ -113,7 +157,41 @@ pub async fn start(mut config: ProxyConfig) -> Result<ProxyHandle, Error> {
         kill,
         tracker,
         tasks,
+        threads,
     })
+}
+
+/// A worker thread: a single-threaded runtime that accepts and serves its connections, and
+/// keeps driving them after accepting stops until they finish or `kill` fires.
+fn run_worker<F, Fut>(
+    listener: std::net::TcpListener,
+    accept: F,
+    kill: CancellationToken,
+    tracker: TaskTracker,
+) where
+    F: FnOnce(TcpListener) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "worker runtime failed to start");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        match TcpListener::from_std(listener) {
+            Ok(l) => accept(l).await,
+            Err(e) => error!(error = %e, "worker cannot register its listener"),
+        }
+        tokio::select! {
+            () = tracker.wait() => {}
+            () = kill.cancelled() => {}
+        }
+    });
 }
 
 impl ProxyHandle {
@@ -174,6 +252,13 @@ impl ProxyHandle {
         for task in self.tasks.drain(..) {
             let _ = task.await;
         }
+        let threads = std::mem::take(&mut self.threads);
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
         cut
     }
 }
@@ -185,23 +270,39 @@ impl Drop for ProxyHandle {
     }
 }
 
-fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
-    let bind_err = |source| Error::Bind { addr, source };
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
+/// Binds `count` listeners on `addr` (with `SO_REUSEPORT` when more than one; a port 0 is
+/// resolved by the first and shared by the rest).
+fn bind_listeners(addr: SocketAddr, count: usize) -> Result<Vec<std::net::TcpListener>, Error> {
+    let first = bind_one(addr, count > 1)?;
+    let bound = first
+        .local_addr()
+        .map_err(|source| Error::Bind { addr, source })?;
+    let mut all = vec![first];
+    for _ in 1..count {
+        all.push(bind_one(bound, true)?);
     }
-    .map_err(bind_err)?;
-    socket.set_reuseaddr(true).map_err(bind_err)?;
-    socket.bind(addr).map_err(bind_err)?;
-    socket.listen(LISTEN_BACKLOG).map_err(bind_err)
+    Ok(all)
 }
 
-fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, Error> {
-    listener
-        .local_addr()
-        .map_err(|source| Error::Bind { addr, source })
+fn bind_one(addr: SocketAddr, reuse_port: bool) -> Result<std::net::TcpListener, Error> {
+    use socket2::{Domain, Socket, Type};
+    let bind_err = |source| Error::Bind { addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(bind_err)?;
+    socket.set_reuse_address(true).map_err(bind_err)?;
+    if reuse_port {
+        socket.set_reuse_port(true).map_err(bind_err)?;
+    }
+    socket.set_nonblocking(true).map_err(bind_err)?;
+    socket.bind(&addr.into()).map_err(bind_err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(bind_err)?;
+    Ok(socket.into())
+}
+
+fn from_std(listener: std::net::TcpListener) -> Result<TcpListener, Error> {
+    TcpListener::from_std(listener).map_err(|source| Error::Io {
+        context: "registering the listener with the runtime",
+        source,
+    })
 }
 
 fn local_addr_of(listener: &TcpListener) -> Result<SocketAddr, Error> {
@@ -228,8 +329,16 @@ fn fit_to_fd_limit(config: &mut ProxyConfig) {
     }
 }
 
-fn log_settings(config: &ProxyConfig, listen: SocketAddr, admin: Option<SocketAddr>) {
-    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+fn log_settings(
+    config: &ProxyConfig,
+    listen: SocketAddr,
+    admin: Option<SocketAddr>,
+    listeners: usize,
+) {
+    let workers = match listeners {
+        1 => tokio::runtime::Handle::current().metrics().num_workers(),
+        n => n,
+    };
     let fd_limit = sockopt::fd_limit().unwrap_or(0);
     info!(
         %listen,
