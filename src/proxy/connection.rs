@@ -38,7 +38,7 @@ pub(crate) async fn serve(
     let _active = shared.metrics.active_connection();
     let started = Instant::now();
     let outcome = tokio::select! {
-        r = phases(&shared, client) => r,
+        r = phases(&shared, &client) => r,
         () = kill.cancelled() => Err((ConnError::Shutdown, None)),
     };
     let elapsed = started.elapsed();
@@ -62,17 +62,19 @@ pub(crate) async fn serve(
             }
         }
     }
+    // Closed only now, so the outcome is counted before the client can observe the close.
+    drop(client);
 }
 
 type Outcome = Result<(Arc<str>, Transfer), (ConnError, Option<Arc<str>>)>;
 
-async fn phases(shared: &Shared, client: TcpStream) -> Outcome {
+async fn phases(shared: &Shared, client: &TcpStream) -> Outcome {
     let cfg = &shared.config;
     let fmt = cfg.header;
 
     // Phase 1: the key header, under the header deadline only.
     let mut buf = vec![0u8; fmt.max_header_len()];
-    let head = match timeout(cfg.header_timeout, read_header(&client, &fmt, &mut buf)).await {
+    let head = match timeout(cfg.header_timeout, read_header(client, &fmt, &mut buf)).await {
         Ok(r) => r.map_err(|e| (e, None))?,
         Err(_) => return Err((HeaderError::Timeout.into(), None)),
     };
@@ -91,7 +93,7 @@ async fn phases(shared: &Shared, client: TcpStream) -> Outcome {
     let name = be.name.clone();
     let fail = |e: ConnError| (e, Some(name.clone()));
     let _backend_active = ActiveGuard::new(be.metrics.active.clone());
-    set_nodelay(&client);
+    set_nodelay(client);
     set_nodelay(&backend);
 
     // Phase 4: the preamble — the header unless stripped, and whatever came after it.
@@ -118,7 +120,7 @@ async fn phases(shared: &Shared, client: TcpStream) -> Outcome {
 
     // Phase 5: splice both ways.
     let result = forward(
-        &client,
+        client,
         &backend,
         &be.metrics.bytes_to_backend,
         &be.metrics.bytes_to_client,
@@ -134,7 +136,7 @@ async fn phases(shared: &Shared, client: TcpStream) -> Outcome {
         Err(e) => {
             if let ConnError::Forward { .. } = e {
                 // Propagate the reset: the healthy side learns by RST, not by a clean FIN.
-                set_reset_on_close(&client);
+                set_reset_on_close(client);
                 set_reset_on_close(&backend);
             }
             Err(fail(e))
