@@ -10,7 +10,8 @@
 //!
 //! An idle direction gives its empty pipe back to the pool. When no pipe can be had (fd
 //! exhaustion) the pump copies through a small buffer instead. A reset or socket error on
-//! either side ends both directions; the caller then resets the other side. No lock and no
+//! either side ends both directions — a pump blocked on a stalled destination still watches
+//! its source for errors — and the caller then resets the other side. No lock and no
 //! allocation per byte: per chunk, one atomic add for the byte counter.
 
 use std::io;
@@ -194,13 +195,7 @@ async fn splice_chunk(src: &End<'_>, dst: &End<'_>, pipe: &Pipe) -> Result<Chunk
             }
             Ok(k) => left -= k,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                dst.stream
-                    .writable()
-                    .await
-                    .map_err(|source| ConnError::Forward {
-                        side: dst.side,
-                        source,
-                    })?;
+                wait_writable(src, dst).await?;
             }
             Err(source) => {
                 return Err(ConnError::Forward {
@@ -231,13 +226,7 @@ async fn copy_chunk(src: &End<'_>, dst: &End<'_>, buf: &mut [u8]) -> Result<Chun
         match dst.stream.try_write(&buf[sent..n]) {
             Ok(k) => sent += k,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                dst.stream
-                    .writable()
-                    .await
-                    .map_err(|source| ConnError::Forward {
-                        side: dst.side,
-                        source,
-                    })?;
+                wait_writable(src, dst).await?;
             }
             Err(source) => {
                 return Err(ConnError::Forward {
@@ -248,6 +237,32 @@ async fn copy_chunk(src: &End<'_>, dst: &End<'_>, buf: &mut [u8]) -> Result<Chun
         }
     }
     Ok(Chunk::Moved(n))
+}
+
+/// Waits until `dst` can take more bytes, while watching `src` for a reset: with `dst`
+/// stalled and the other pump waiting on `dst` too, nothing else would notice `src` break.
+async fn wait_writable(src: &End<'_>, dst: &End<'_>) -> Result<(), ConnError> {
+    tokio::select! {
+        r = dst.stream.writable() => r.map_err(|source| ConnError::Forward {
+            side: dst.side,
+            source,
+        }),
+        r = src.stream.ready(Interest::ERROR) => {
+            let source = match r {
+                Err(e) => e,
+                Ok(_) => src
+                    .stream
+                    .take_error()
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| io::ErrorKind::ConnectionReset.into()),
+            };
+            Err(ConnError::Forward {
+                side: src.side,
+                source,
+            })
+        }
+    }
 }
 
 /// Last time either direction moved bytes, for the idle timeout; shared by both pumps
