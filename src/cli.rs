@@ -115,6 +115,9 @@ pub struct RunArgs {
     /// Close connections idle this long in both directions ('off' to disable).
     #[arg(long, default_value = "off", value_parser = parse_idle_timeout)]
     pub idle_timeout: IdleTimeout,
+    /// Copy through a user-space buffer instead of splice(2).
+    #[arg(long)]
+    pub no_splice: bool,
     /// Concurrent client connections; more are closed at once and counted.
     #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
@@ -140,6 +143,7 @@ impl RunArgs {
             FailoverArg::None => Failover::None,
         };
         c.idle_timeout = self.idle_timeout.0;
+        c.splice = !self.no_splice;
         c.max_connections = self.max_connections;
         c.drain_timeout = self.drain_timeout;
         c

@@ -133,6 +133,9 @@ pub struct ProxyConfig {
     pub failover: Failover,
     /// Close a connection when neither direction moved a byte for this long.
     pub idle_timeout: Option<Duration>,
+    /// Move bytes with `splice(2)` (the default); `false` copies through a user-space
+    /// buffer, for sockets or kernels where splice is unwanted.
+    pub splice: bool,
     /// Concurrent client connections; more are closed at once and counted.
     pub max_connections: usize,
     /// Time connections get to finish on shutdown.
@@ -152,6 +155,7 @@ impl ProxyConfig {
             max_tries: DEFAULT_MAX_TRIES,
             failover: Failover::Next,
             idle_timeout: None,
+            splice: true,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }

@@ -269,10 +269,18 @@ async fn bulk_connection(
 
 /// Four concurrent connections, 64 MiB each way each, through the proxy to echo backends.
 async fn bulk_integrity(mode: HeaderMode) {
+    bulk_integrity_with(mode, true).await;
+}
+
+async fn bulk_integrity_with(mode: HeaderMode, splice: bool) {
     const CONNS: u64 = 4;
     const PAYLOAD: u64 = 64 << 20;
     let backends = echo_backends(3).await;
-    let proxy = start_proxy(specs(&backends), |c| c.header.mode = mode).await;
+    let proxy = start_proxy(specs(&backends), |c| {
+        c.header.mode = mode;
+        c.splice = splice;
+    })
+    .await;
     let fmt = HeaderFormat {
         mode,
         ..HeaderFormat::default()
@@ -337,6 +345,13 @@ async fn bulk_random_writes_header_forwarded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_random_writes_header_stripped() {
     guard(BULK_GUARD, bulk_integrity(HeaderMode::Strip)).await;
+}
+
+/// The buffered-copy path (taken when no pipe can be had, or with `--no-splice`) keeps every
+/// byte too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_random_writes_buffered_copy() {
+    guard(BULK_GUARD, bulk_integrity_with(HeaderMode::Forward, false)).await;
 }
 
 /// Client → backend half-close: after `shutdown(Write)` the client still gets the whole echo,

@@ -17,7 +17,7 @@ use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::forward::{forward, Transfer};
+use super::forward::{forward, ForwardOptions, Transfer};
 use super::sockopt::{set_nodelay, set_reset_on_close};
 use super::Shared;
 use crate::backend::RoutingTable;
@@ -124,7 +124,10 @@ async fn phases(shared: &Shared, client: &TcpStream) -> Outcome {
         &backend,
         &be.metrics.bytes_to_backend,
         &be.metrics.bytes_to_client,
-        cfg.idle_timeout,
+        ForwardOptions {
+            idle_timeout: cfg.idle_timeout,
+            splice: cfg.splice,
+        },
         &shared.metrics,
     )
     .await;

@@ -49,15 +49,25 @@ pub struct End<'a> {
     pub side: Side,
 }
 
+/// How a connection forwards.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardOptions {
+    /// Close when neither direction moved a byte for this long.
+    pub idle_timeout: Option<Duration>,
+    /// Use `splice(2)`; `false` always takes the buffered copy.
+    pub splice: bool,
+}
+
 /// Forwards both directions until both have seen EOF, an error, or the idle timeout.
 pub async fn forward(
     client: &TcpStream,
     backend: &TcpStream,
     to_backend: &Counter,
     to_client: &Counter,
-    idle_timeout: Option<Duration>,
+    opts: ForwardOptions,
     metrics: &Metrics,
 ) -> Result<Transfer, ConnError> {
+    let idle_timeout = opts.idle_timeout;
     let clock = idle_timeout.map(|_| Activity::new());
     let c = End {
         stream: client,
@@ -67,8 +77,8 @@ pub async fn forward(
         stream: backend,
         side: Side::Backend,
     };
-    let up = pump(&c, &b, to_backend, clock.as_ref(), metrics);
-    let down = pump(&b, &c, to_client, clock.as_ref(), metrics);
+    let up = pump(&c, &b, to_backend, clock.as_ref(), opts.splice, metrics);
+    let down = pump(&b, &c, to_client, clock.as_ref(), opts.splice, metrics);
     let both = async { tokio::try_join!(up, down) };
     let (to_backend, to_client) = match (idle_timeout, clock.as_ref()) {
         (Some(limit), Some(clock)) => tokio::select! {
@@ -89,6 +99,7 @@ async fn pump(
     dst: &End<'_>,
     counter: &Counter,
     clock: Option<&Activity>,
+    splice: bool,
     metrics: &Metrics,
 ) -> Result<u64, ConnError> {
     let read_err = |source| ConnError::Forward {
@@ -104,12 +115,13 @@ async fn pump(
             src.stream.readable().await.map_err(read_err)?;
         }
         if held.is_none() && fallback.is_none() {
-            match pipe::acquire() {
-                Ok(p) => held = Some(p),
-                Err(_) => {
+            match splice.then(pipe::acquire) {
+                Some(Ok(p)) => held = Some(p),
+                Some(Err(_)) => {
                     metrics.splice_fallback();
                     fallback = Some(vec![0u8; FALLBACK_BUF].into_boxed_slice());
                 }
+                None => fallback = Some(vec![0u8; FALLBACK_BUF].into_boxed_slice()),
             }
         }
         let moved = match (&held, fallback.as_deref_mut()) {

@@ -350,6 +350,7 @@ fn log_settings(
         max_tries = config.max_tries,
         failover = ?config.failover,
         idle_timeout = ?config.idle_timeout,
+        splice = config.splice,
         max_connections = config.max_connections,
         drain_timeout = ?config.drain_timeout,
         workers,
