@@ -77,15 +77,23 @@ pub async fn forward(
         stream: backend,
         side: Side::Backend,
     };
-    let up = pump(&c, &b, to_backend, clock.as_ref(), opts.splice, metrics);
-    let down = pump(&b, &c, to_client, clock.as_ref(), opts.splice, metrics);
-    let both = async { tokio::try_join!(up, down) };
+    let splice = opts.splice;
+    // Each branch builds its own pumps: a future built outside and moved into `select!`
+    // would occupy two slots of this future, doubling what every idle connection holds.
     let (to_backend, to_client) = match (idle_timeout, clock.as_ref()) {
         (Some(limit), Some(clock)) => tokio::select! {
-            r = both => r?,
-            () = clock.expired(limit) => return Err(ConnError::Idle),
+            r = async {
+                tokio::try_join!(
+                    pump(&c, &b, to_backend, Some(clock), splice, metrics),
+                    pump(&b, &c, to_client, Some(clock), splice, metrics),
+                )
+            } => r?,
+            () = Box::pin(clock.expired(limit)) => return Err(ConnError::Idle),
         },
-        _ => both.await?,
+        _ => tokio::try_join!(
+            pump(&c, &b, to_backend, None, splice, metrics),
+            pump(&b, &c, to_client, None, splice, metrics),
+        )?,
     };
     Ok(Transfer {
         to_backend,
@@ -207,7 +215,9 @@ async fn splice_chunk(src: &End<'_>, dst: &End<'_>, pipe: &Pipe) -> Result<Chunk
             }
             Ok(k) => left -= k,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                wait_writable(src, dst).await?;
+                // Boxed: the slow path pays one small allocation per stall, and every
+                // connection's future stays small (this is most of what an idle one holds).
+                Box::pin(wait_writable(src, dst)).await?;
             }
             Err(source) => {
                 return Err(ConnError::Forward {
@@ -238,7 +248,9 @@ async fn copy_chunk(src: &End<'_>, dst: &End<'_>, buf: &mut [u8]) -> Result<Chun
         match dst.stream.try_write(&buf[sent..n]) {
             Ok(k) => sent += k,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                wait_writable(src, dst).await?;
+                // Boxed: the slow path pays one small allocation per stall, and every
+                // connection's future stays small (this is most of what an idle one holds).
+                Box::pin(wait_writable(src, dst)).await?;
             }
             Err(source) => {
                 return Err(ConnError::Forward {

@@ -359,3 +359,16 @@ fn log_settings(
         "shardproxy started; limits and timeouts in force"
     );
 }
+#[cfg(test)]
+impl Shared {
+    /// A `Shared` without a listener, for unit tests of the connection phases.
+    pub(crate) fn for_tests(config: ProxyConfig, table: RoutingTable, metrics: Metrics) -> Self {
+        Shared {
+            limit: Arc::new(Semaphore::new(1)),
+            table: ArcSwap::from_pointee(table),
+            metrics,
+            next_generation: AtomicU64::new(2),
+            config,
+        }
+    }
+}
