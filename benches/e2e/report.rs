@@ -1,0 +1,1043 @@
+//! Results: per-run lines, medians over rounds, `results.md`, `samples.csv` and
+//! `chart.svg` (plotters).
+//!
+//! Ratios are paired by round: the median over rounds of (target ÷ direct in the same round),
+//! so drift between rounds cancels. CPU is the proxy's utime + stime over the measured
+//! window; peak RSS is its VmHWM (the proxy is restarted for every run, so that is the run's
+//! peak).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::io;
+use std::path::Path;
+use std::time::Duration;
+
+use plotters::prelude::*;
+
+use crate::scenarios::{Measured, Scenario, Settings};
+use crate::{Kind, Target};
+
+/// One run's outcome.
+pub struct Run {
+    /// Round, from 1.
+    pub round: usize,
+    /// Scenario.
+    pub scenario: Scenario,
+    /// Target.
+    pub target: Target,
+    /// Measurements, or why the run failed.
+    pub result: Result<Measured, String>,
+    /// The proxy's VmHWM at the end of the run, KiB.
+    pub hwm_kib: Option<u64>,
+    /// The proxy's thread count at the end of the run.
+    pub threads: Option<u64>,
+}
+
+/// Everything the report states besides the numbers.
+pub struct Context {
+    /// Start time, UTC.
+    pub date: String,
+    /// Rounds.
+    pub rounds: usize,
+    /// Sizes and durations.
+    pub settings: Settings,
+    /// Targets, in their base order.
+    pub targets: Vec<Target>,
+    /// Scenarios run.
+    pub scenarios: Vec<Scenario>,
+    /// Commit of the tree.
+    pub commit: String,
+    /// `haproxy -v`.
+    pub haproxy_version: String,
+    /// The shardproxy binary.
+    pub shardproxy_bin: String,
+    /// How to reproduce.
+    pub command: String,
+    /// Wall time of the whole run.
+    pub elapsed: Duration,
+    /// Routing check summary lines.
+    pub routing: Vec<String>,
+    /// Routing violations.
+    pub routing_violations: Vec<String>,
+    /// Sockets in TIME_WAIT at the start and at the end.
+    pub time_wait: (usize, usize),
+    /// CPU seconds used by other programs during the run, and the average number of cores.
+    pub foreign_cpu: (f64, f64),
+    /// 1-minute load average at the start and at the end.
+    pub loadavg: (f64, f64),
+}
+
+/// One line per run, for the log above the progress bar.
+pub fn run_line(r: &Run) -> String {
+    let head = format!(
+        "r{} {:<6} {:<20}",
+        r.round,
+        r.scenario.name(),
+        r.target.id()
+    );
+    match &r.result {
+        Err(e) => format!("{head} FAILED: {e}"),
+        Ok(m) => {
+            let mut s = format!("{head} {} {}", fmt_num(m.figure), r.scenario.unit());
+            if let Some([p50, p99, p999]) = m.lat_us {
+                let _ = write!(s, "  p50/p99/p99.9 {p50:.0}/{p99:.0}/{p999:.0} µs");
+            }
+            if let Some(b) = m.rss_per_conn {
+                let _ = write!(s, "  {b:.0} B/conn");
+            }
+            if let Some(f) = m.fds_per_conn {
+                let _ = write!(s, "  {f:.2} fds/conn");
+            }
+            if let Some(c) = m.cpu_s {
+                let _ = write!(s, "  cpu {c:.2}s");
+            }
+            if let Some(h) = r.hwm_kib {
+                let _ = write!(s, "  peak {:.1} MiB", h as f64 / 1024.0);
+            }
+            s
+        }
+    }
+}
+
+fn fmt_num(x: f64) -> String {
+    if !x.is_finite() {
+        "-".into()
+    } else if x.abs() >= 1000.0 {
+        format!("{x:.0}")
+    } else if x.abs() >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// Medians over rounds for one (scenario, target).
+#[derive(Debug, Clone, Default)]
+pub struct Agg {
+    /// Successful rounds.
+    pub ok: usize,
+    /// Failed rounds.
+    pub failed: usize,
+    /// Headline figure.
+    pub figure: Option<f64>,
+    /// Smallest and largest headline figure over the rounds (shown when > 1 round).
+    pub range: Option<(f64, f64)>,
+    /// Median of per-round target ÷ direct.
+    pub ratio: Option<f64>,
+    /// Latency percentiles, µs.
+    pub lat: [Option<f64>; 3],
+    /// Median of per-round (p50 − direct p50), µs.
+    pub p50_delta: Option<f64>,
+    /// Proxy CPU seconds.
+    pub cpu_s: Option<f64>,
+    /// Proxy CPU seconds per GiB forwarded (bulk1, echo1).
+    pub cpu_per_gib: Option<f64>,
+    /// Proxy CPU µs per request / connection (rr, cps, idle).
+    pub cpu_us_per_op: Option<f64>,
+    /// Peak RSS, MiB.
+    pub hwm_mib: Option<f64>,
+    /// idle: bytes of proxy RSS per connection.
+    pub rss_per_conn: Option<f64>,
+    /// idle: proxy fds per connection.
+    pub fds_per_conn: Option<f64>,
+    /// Threads observed in the proxy.
+    pub threads: Option<u64>,
+}
+
+/// Aggregates every (scenario, target).
+pub fn aggregate(runs: &[Run]) -> BTreeMap<(Scenario, Target), Agg> {
+    let direct = |scenario: Scenario, round: usize| {
+        runs.iter()
+            .find(|r| r.scenario == scenario && r.round == round && r.target.kind == Kind::Direct)
+            .and_then(|r| r.result.as_ref().ok())
+    };
+    let mut groups: BTreeMap<(Scenario, Target), Vec<&Run>> = BTreeMap::new();
+    for r in runs {
+        groups.entry((r.scenario, r.target)).or_default().push(r);
+    }
+    let mut out = BTreeMap::new();
+    for ((scenario, target), rs) in groups {
+        let oks: Vec<(usize, &Measured, &Run)> = rs
+            .iter()
+            .filter_map(|r| r.result.as_ref().ok().map(|m| (r.round, m, *r)))
+            .collect();
+        let col = |f: &dyn Fn(usize, &Measured, &Run) -> Option<f64>| {
+            median(
+                oks.iter()
+                    .filter_map(|(round, m, r)| f(*round, m, r))
+                    .collect(),
+            )
+        };
+        let agg = Agg {
+            ok: oks.len(),
+            failed: rs.len() - oks.len(),
+            figure: col(&|_, m, _| Some(m.figure)),
+            range: oks
+                .iter()
+                .map(|(_, m, _)| m.figure)
+                .fold(None, |r, x| match r {
+                    None => Some((x, x)),
+                    Some((lo, hi)) => Some((f64::min(lo, x), f64::max(hi, x))),
+                }),
+            ratio: col(&|round, m, _| {
+                direct(scenario, round)
+                    .filter(|d| d.figure > 0.0)
+                    .map(|d| m.figure / d.figure)
+            }),
+            lat: [0, 1, 2].map(|i| col(&|_, m, _| m.lat_us.map(|l| l[i]))),
+            p50_delta: col(&|round, m, _| {
+                let d = direct(scenario, round)?.lat_us?[0];
+                Some(m.lat_us?[0] - d)
+            }),
+            cpu_s: col(&|_, m, _| m.cpu_s),
+            cpu_per_gib: col(&|_, m, _| match scenario {
+                Scenario::Bulk1 | Scenario::Echo1 if m.bytes > 0 => {
+                    Some(m.cpu_s? / (m.bytes as f64 / (1u64 << 30) as f64))
+                }
+                _ => None,
+            }),
+            cpu_us_per_op: col(&|_, m, _| match scenario {
+                Scenario::Rr32 | Scenario::Rr1 | Scenario::Cps32 | Scenario::Idle if m.ops > 0 => {
+                    Some(m.cpu_s? * 1e6 / m.ops as f64)
+                }
+                _ => None,
+            }),
+            hwm_mib: col(&|_, _, r| r.hwm_kib.map(|k| k as f64 / 1024.0)),
+            rss_per_conn: col(&|_, m, _| m.rss_per_conn),
+            fds_per_conn: col(&|_, m, _| m.fds_per_conn),
+            threads: oks.iter().filter_map(|(_, _, r)| r.threads).max(),
+        };
+        out.insert((scenario, target), agg);
+    }
+    out
+}
+
+/// Writes `results.md`, `samples.csv` and `chart.svg` into `dir`.
+pub fn write_all(dir: &Path, ctx: &Context, runs: &[Run]) -> io::Result<()> {
+    let aggs = aggregate(runs);
+    fs::write(dir.join("results.md"), markdown(ctx, runs, &aggs))?;
+    fs::write(dir.join("samples.csv"), csv(runs))?;
+    if let Err(e) = chart(&dir.join("chart.svg"), ctx, &aggs) {
+        eprintln!("e2e: chart not written: {e}");
+    }
+    Ok(())
+}
+
+fn opt(x: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    x.map_or_else(|| "–".into(), f)
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn target_label(t: &Target, aggs: &BTreeMap<(Scenario, Target), Agg>) -> String {
+    match (t.kind, t.threads) {
+        (Kind::Direct, _) => "direct".into(),
+        (k, Some(n)) => format!("{} N={n}", k.name()),
+        (k, None) => {
+            let _ = aggs;
+            format!("{} default (N={})", k.name(), default_threads())
+        }
+    }
+}
+
+fn cpu_model() -> String {
+    fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn kernel() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn observed_threads(aggs: &BTreeMap<(Scenario, Target), Agg>, t: &Target) -> String {
+    let max = aggs
+        .iter()
+        .filter(|((_, tt), _)| tt == t)
+        .filter_map(|(_, a)| a.threads)
+        .max();
+    max.map_or_else(|| "?".into(), |n| n.to_string())
+}
+
+fn markdown(ctx: &Context, runs: &[Run], aggs: &BTreeMap<(Scenario, Target), Agg>) -> String {
+    let s = &ctx.settings;
+    let mut md = String::new();
+    let _ = writeln!(md, "# shardproxy end-to-end benchmark — {}\n", ctx.date);
+    let _ = writeln!(md, "| | |\n|---|---|");
+    let _ = writeln!(md, "| date | {} |", ctx.date);
+    let _ = writeln!(md, "| kernel | Linux {} |", kernel());
+    let _ = writeln!(
+        md,
+        "| CPU | {} × {} cores |",
+        cpu_model(),
+        default_threads()
+    );
+    let _ = writeln!(md, "| commit | {} |", ctx.commit);
+    let _ = writeln!(md, "| haproxy | {} |", ctx.haproxy_version);
+    let _ = writeln!(md, "| shardproxy | `{}` |", ctx.shardproxy_bin);
+    let _ = writeln!(
+        md,
+        "| rounds | {} interleaved (each round runs every scenario against every target; the \
+         target order rotates by round); wall time {:.0} s |",
+        ctx.rounds,
+        ctx.elapsed.as_secs_f64()
+    );
+    let _ = writeln!(
+        md,
+        "| sizes | bulk1 {} MiB; echo1 {} MiB each way; rr/cps window {:.1} s after {:.1} s \
+         warm-up; idle {} connections |",
+        s.bulk_bytes >> 20,
+        s.echo_bytes >> 20,
+        s.duration.as_secs_f64(),
+        s.warmup.as_secs_f64(),
+        s.idle_conns
+    );
+    let mut threads = Vec::new();
+    for t in &ctx.targets {
+        match (t.kind, t.threads) {
+            (Kind::Direct, _) => {}
+            (Kind::Shardproxy, Some(n)) => threads.push(format!(
+                "shardproxy N={n}: `--workers {n}` (observed {} threads)",
+                observed_threads(aggs, t)
+            )),
+            (Kind::Shardproxy, None) => threads.push(format!(
+                "shardproxy default: no `--workers`, tokio's one worker per core = {} (observed \
+                 {} threads)",
+                default_threads(),
+                observed_threads(aggs, t)
+            )),
+            (Kind::Haproxy, Some(n)) => threads.push(format!(
+                "haproxy N={n}: `nbthread {n}` (observed {} threads)",
+                observed_threads(aggs, t)
+            )),
+            (Kind::Haproxy, None) => threads.push(format!(
+                "haproxy default: no `nbthread`, one thread per core = {} (observed {} threads)",
+                default_threads(),
+                observed_threads(aggs, t)
+            )),
+        }
+    }
+    let _ = writeln!(md, "| thread counts | {} |", threads.join("; "));
+    let _ = writeln!(
+        md,
+        "| other load | ≈ {:.0} CPU s used by other programs during the run (≈ {:.2} of {} \
+         cores on average; /proc/stat busy time minus this harness and its children, a rough \
+         estimate); 1-minute load average {:.1} at start, {:.1} at end{} |",
+        ctx.foreign_cpu.0,
+        ctx.foreign_cpu.1,
+        default_threads(),
+        ctx.loadavg.0,
+        ctx.loadavg.1,
+        if ctx.foreign_cpu.1 > 0.1 * default_threads() as f64 {
+            ": **the machine was shared, expect noise**"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        md,
+        "| TIME_WAIT sockets | {} at start, {} at end |",
+        ctx.time_wait.0, ctx.time_wait.1
+    );
+    let flags = ctx.command.trim_start_matches("scripts/bench.sh").trim();
+    let cargo = if flags.is_empty() {
+        "cargo bench --bench e2e".to_string()
+    } else {
+        format!("cargo bench --bench e2e -- {flags}")
+    };
+    let _ = writeln!(
+        md,
+        "| reproduce | `{}` (= `cargo build --release && {cargo}`) |",
+        ctx.command
+    );
+    let _ = writeln!(md);
+
+    let _ = writeln!(md, "## Results (medians over {} rounds)\n", ctx.rounds);
+    let _ = writeln!(
+        md,
+        "| scenario | target | figure | × direct | p50 / p99 / p99.9 µs | proxy CPU s | proxy CPU per unit | peak RSS MiB | notes |"
+    );
+    let _ = writeln!(md, "|---|---|---:|---:|---|---:|---:|---:|---|");
+    for sc in &ctx.scenarios {
+        for t in &ctx.targets {
+            let Some(a) = aggs.get(&(*sc, *t)) else {
+                continue;
+            };
+            let mut figure = opt(a.figure, |x| format!("{} {}", fmt_num(x), sc.unit()));
+            if let Some((lo, hi)) = a.range.filter(|_| a.ok > 1) {
+                let _ = write!(figure, " ({}–{})", fmt_num(lo), fmt_num(hi));
+            }
+            let ratio = if t.kind == Kind::Direct {
+                "1".into()
+            } else {
+                opt(a.ratio, |x| format!("{x:.2}×"))
+            };
+            let lat = match a.lat {
+                [Some(p50), Some(p99), Some(p999)] => {
+                    let mut l = format!("{p50:.0} / {p99:.0} / {p999:.0}");
+                    if t.kind != Kind::Direct {
+                        if let Some(d) = a.p50_delta {
+                            let _ = write!(l, " (p50 {d:+.0})");
+                        }
+                    }
+                    l
+                }
+                _ => "–".into(),
+            };
+            let per_unit = match sc {
+                Scenario::Bulk1 | Scenario::Echo1 => {
+                    opt(a.cpu_per_gib, |x| format!("{x:.2} s/GiB"))
+                }
+                Scenario::Rr32 | Scenario::Rr1 => {
+                    opt(a.cpu_us_per_op, |x| format!("{x:.1} µs/req"))
+                }
+                Scenario::Cps32 | Scenario::Idle => {
+                    opt(a.cpu_us_per_op, |x| format!("{x:.1} µs/conn"))
+                }
+            };
+            let mut notes = Vec::new();
+            if let Some(b) = a.rss_per_conn {
+                notes.push(format!("**{:.0} B RSS/conn** ({:.2} KiB)", b, b / 1024.0));
+            }
+            if let Some(f) = a.fds_per_conn {
+                notes.push(format!("{f:.2} fds/conn"));
+            }
+            if a.failed > 0 {
+                notes.push(format!("{} of {} rounds FAILED", a.failed, a.failed + a.ok));
+            }
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                sc.name(),
+                target_label(t, aggs),
+                figure,
+                ratio,
+                lat,
+                opt(a.cpu_s, |x| format!("{x:.2}")),
+                per_unit,
+                opt(a.hwm_mib, |x| format!("{x:.1}")),
+                notes.join("; ")
+            );
+        }
+    }
+    let _ = writeln!(md);
+    goals(&mut md, ctx, aggs);
+
+    let _ = writeln!(md, "## Routing check\n");
+    if ctx.routing_violations.is_empty() {
+        let _ = writeln!(
+            md,
+            "Passed: every key was answered by the same backend in every run of its proxy \
+             kind (both thread settings), and for direct and shardproxy by the backend \
+             `shardproxy::Router::pick` names.\n"
+        );
+    } else {
+        let _ = writeln!(
+            md,
+            "**FAILED** ({} violations; first 20):\n",
+            ctx.routing_violations.len()
+        );
+        for v in ctx.routing_violations.iter().take(20) {
+            let _ = writeln!(md, "- {v}");
+        }
+        let _ = writeln!(md);
+    }
+    for l in &ctx.routing {
+        let _ = writeln!(md, "- {l}");
+    }
+    let _ = writeln!(md);
+
+    let failed: Vec<&Run> = runs.iter().filter(|r| r.result.is_err()).collect();
+    if !failed.is_empty() {
+        let _ = writeln!(md, "## Failed runs\n");
+        for r in failed {
+            let _ = writeln!(md, "- {}", run_line(r));
+        }
+        let _ = writeln!(md);
+    }
+
+    let _ = writeln!(
+        md,
+        "## How to read this\n\n\
+         - **figure**: bulk1 GiB/s backend → client (one connection); echo1 GiB/s each way \
+         (one connection, both directions at once, every byte compared); rr32/rr1 requests/s \
+         over 32/1 persistent connections (64-byte request, 64-byte response); cps32 \
+         connections/s by 32 clients each doing connect + header + 64-byte echo + close (the \
+         backend closes first, so TIME_WAIT stays on the server side); idle the rate at which \
+         the connections were set up (8 openers). In brackets: the smallest and largest round.\n\
+         - **× direct**: median over rounds of (target ÷ direct in the same round).\n\
+         - **latency**: per request (rr) or per whole connection (cps), measured by the client; \
+         `(p50 +x)` is the median over rounds of (p50 − direct p50).\n\
+         - **proxy CPU**: on-CPU time of the proxy's threads (`/proc/<pid>/task/*/schedstat`, \
+         nanoseconds; same basis as utime + stime) over the measured window; per unit: bulk1/echo1 per GiB forwarded (echo1 counts both \
+         directions), rr per request, cps/idle per connection.\n\
+         - **peak RSS**: the proxy's VmHWM at the end of the run; every run starts a fresh \
+         proxy.\n\
+         - **idle**: (proxy VmRSS with all connections established − VmRSS before) ÷ \
+         connections, and the same for `/proc/<pid>/fd` entries.\n\
+         - Everything runs on one machine: the client, the 3 backends (a separate process, \
+         blocking threads) and the proxy share its cores, so a proxy's CPU use also slows the \
+         client and backends. Raw numbers per run: `samples.csv`; chart: `chart.svg`.\n"
+    );
+    md
+}
+
+/// One goal of the issue: how to read it off an aggregate and how to judge it.
+struct Goal {
+    goal: &'static str,
+    sc: Scenario,
+    get: fn(&Agg) -> Option<f64>,
+    /// `x` ratio, `us` µs delta, `B` bytes, `s` s/GiB, else plain.
+    unit: &'static str,
+    /// The absolute goal, if any.
+    limit: Option<f64>,
+    lower: bool,
+}
+
+impl Goal {
+    fn new(
+        goal: &'static str,
+        sc: Scenario,
+        get: fn(&Agg) -> Option<f64>,
+        unit: &'static str,
+        limit: Option<f64>,
+        lower: bool,
+    ) -> Self {
+        Goal {
+            goal,
+            sc,
+            get,
+            unit,
+            limit,
+            lower,
+        }
+    }
+}
+
+/// The issue's goals, per thread setting: shardproxy's value, HAProxy's, pass or miss.
+fn goals(md: &mut String, ctx: &Context, aggs: &BTreeMap<(Scenario, Target), Agg>) {
+    let mut settings: Vec<Option<usize>> = Vec::new();
+    for t in &ctx.targets {
+        if t.kind != Kind::Direct && !settings.contains(&t.threads) {
+            settings.push(t.threads);
+        }
+    }
+    let has = |k: Kind| ctx.targets.iter().any(|t| t.kind == k);
+    if settings.is_empty() || !has(Kind::Shardproxy) {
+        return;
+    }
+    let _ = writeln!(md, "## Goals (shardproxy vs HAProxy at equal threads)\n");
+    let mut header = "| goal |".to_string();
+    let mut rule = "|---|".to_string();
+    for th in &settings {
+        let label = th.map_or_else(
+            || format!("default (N={})", default_threads()),
+            |n| format!("N={n}"),
+        );
+        let _ = write!(header, " {label}: shardproxy | haproxy | met? |");
+        rule.push_str("---:|---:|---|");
+    }
+    let _ = writeln!(md, "{header}\n{rule}");
+    let rows = [
+        Goal::new(
+            "bulk1 ≥ 0.70× direct",
+            Scenario::Bulk1,
+            |a| a.ratio,
+            "x",
+            Some(0.70),
+            false,
+        ),
+        Goal::new(
+            "echo1 ≥ 0.70× direct",
+            Scenario::Echo1,
+            |a| a.ratio,
+            "x",
+            Some(0.70),
+            false,
+        ),
+        Goal::new(
+            "rr32 ≥ 0.50× direct",
+            Scenario::Rr32,
+            |a| a.ratio,
+            "x",
+            Some(0.50),
+            false,
+        ),
+        Goal::new(
+            "rr1 faster than HAProxy",
+            Scenario::Rr1,
+            |a| a.ratio,
+            "x",
+            None,
+            false,
+        ),
+        Goal::new(
+            "rr1 p50 ≤ direct + 15 µs",
+            Scenario::Rr1,
+            |a| a.p50_delta,
+            "us",
+            Some(15.0),
+            true,
+        ),
+        Goal::new(
+            "cps32 ≥ 0.85× direct",
+            Scenario::Cps32,
+            |a| a.ratio,
+            "x",
+            Some(0.85),
+            false,
+        ),
+        Goal::new(
+            "idle ≤ 2 KiB RSS/conn",
+            Scenario::Idle,
+            |a| a.rss_per_conn,
+            "B",
+            Some(2048.0),
+            true,
+        ),
+        Goal::new(
+            "idle fds/conn (lower wins)",
+            Scenario::Idle,
+            |a| a.fds_per_conn,
+            "n",
+            None,
+            true,
+        ),
+        Goal::new(
+            "bulk1 CPU/GiB below HAProxy",
+            Scenario::Bulk1,
+            |a| a.cpu_per_gib,
+            "s",
+            None,
+            true,
+        ),
+        Goal::new(
+            "echo1 CPU/GiB below HAProxy",
+            Scenario::Echo1,
+            |a| a.cpu_per_gib,
+            "s",
+            None,
+            true,
+        ),
+    ];
+    for Goal {
+        goal,
+        sc,
+        get,
+        unit,
+        limit,
+        lower,
+    } in rows
+    {
+        if !ctx.scenarios.contains(&sc) {
+            continue;
+        }
+        let mut line = format!("| {goal} |");
+        for th in &settings {
+            let sp = aggs
+                .get(&(
+                    sc,
+                    Target {
+                        kind: Kind::Shardproxy,
+                        threads: *th,
+                    },
+                ))
+                .and_then(get);
+            let ha = aggs
+                .get(&(
+                    sc,
+                    Target {
+                        kind: Kind::Haproxy,
+                        threads: *th,
+                    },
+                ))
+                .and_then(get);
+            let f = |x: Option<f64>| {
+                opt(x, |v| match unit {
+                    "x" => format!("{v:.2}×"),
+                    "us" => format!("{v:+.0} µs"),
+                    "B" => format!("{v:.0} B"),
+                    "s" => format!("{v:.2} s/GiB"),
+                    _ => format!("{v:.2}"),
+                })
+            };
+            // None: not comparable; Some(None): a tie (within 1%); Some(Some(b)): beats or not.
+            let beats = match (sp, ha) {
+                (Some(s), Some(h)) if (s - h).abs() <= 0.01 * s.abs().max(h.abs()) => Some(None),
+                (Some(s), Some(h)) => Some(Some(if lower { s < h } else { s > h })),
+                _ => None,
+            };
+            let vs = |b: Option<bool>| match b {
+                None => "ties",
+                Some(true) => "beats",
+                Some(false) => "**loses to**",
+            };
+            let within = match (sp, limit) {
+                (Some(s), Some(l)) => Some(if lower { s <= l } else { s >= l }),
+                (_, None) => None,
+                (None, Some(_)) => Some(false),
+            };
+            let verdict = match (within, beats) {
+                (Some(w), Some(b)) => format!(
+                    "{} goal, {} HAProxy",
+                    if w { "✅ meets" } else { "❌ misses" },
+                    vs(b)
+                ),
+                (Some(w), None) => (if w {
+                    "✅ meets goal"
+                } else {
+                    "❌ misses goal"
+                })
+                .into(),
+                (None, Some(b)) => format!(
+                    "{} {} HAProxy",
+                    match b {
+                        Some(false) => "❌",
+                        None => "➖",
+                        Some(true) => "✅",
+                    },
+                    vs(b)
+                ),
+                (None, None) => "–".into(),
+            };
+            let _ = write!(line, " {} | {} | {} |", f(sp), f(ha), verdict);
+        }
+        let _ = writeln!(md, "{line}");
+    }
+    let _ = writeln!(md);
+}
+
+fn csv(runs: &[Run]) -> String {
+    let mut s = String::from(
+        "round,scenario,target,ok,figure,unit,p50_us,p99_us,p999_us,proxy_cpu_s,bytes,ops,\
+         peak_rss_kib,threads,rss_per_conn_bytes,fds_per_conn,error\n",
+    );
+    let o = |x: Option<f64>| x.map_or_else(String::new, |v| format!("{v:.3}"));
+    for r in runs {
+        let _ = write!(s, "{},{},{},", r.round, r.scenario.name(), r.target.id());
+        match &r.result {
+            Ok(m) => {
+                let lat = m.lat_us.map_or([None; 3], |l| l.map(Some));
+                let _ = writeln!(
+                    s,
+                    "1,{:.3},{},{},{},{},{},{},{},{},{},{},{},",
+                    m.figure,
+                    r.scenario.unit(),
+                    o(lat[0]),
+                    o(lat[1]),
+                    o(lat[2]),
+                    o(m.cpu_s),
+                    m.bytes,
+                    m.ops,
+                    r.hwm_kib.map_or_else(String::new, |v| v.to_string()),
+                    r.threads.map_or_else(String::new, |v| v.to_string()),
+                    o(m.rss_per_conn),
+                    o(m.fds_per_conn)
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(
+                    s,
+                    "0,,,,,,,,,,,,,,\"{}\"",
+                    e.replace('"', "'").replace('\n', " ")
+                );
+            }
+        }
+    }
+    s
+}
+
+const COLORS: [RGBColor; 5] = [
+    RGBColor(90, 90, 90),
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+];
+
+fn color_of(t: &Target, ctx: &Context) -> RGBColor {
+    let i = ctx.targets.iter().position(|x| x == t).unwrap_or(0);
+    COLORS[i % COLORS.len()]
+}
+
+type Panel<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+
+/// A grouped bar panel: one group per label, one bar per series; `hline` draws a reference.
+fn bars(
+    area: &Panel<'_>,
+    title: &str,
+    y_desc: &str,
+    groups: &[String],
+    series: &[(String, RGBColor, Vec<Option<f64>>)],
+    hline: Option<f64>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let max = series
+        .iter()
+        .flat_map(|(_, _, v)| v.iter().flatten().copied())
+        .chain(hline)
+        .fold(0.0f64, f64::max);
+    // Headroom above the bars for the legend.
+    let ymax = if max > 0.0 { max * 1.45 } else { 1.0 };
+    let n = groups.len().max(1);
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 17))
+        .margin(12)
+        .x_label_area_size(32)
+        .y_label_area_size(62)
+        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..ymax)?;
+    let labels = groups.to_vec();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n)
+        .x_label_formatter(&move |x| {
+            let i = x.round();
+            if (x - i).abs() < 0.01 && i >= 0.0 {
+                labels.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_label_formatter(&|y| short(*y))
+        .y_desc(y_desc)
+        .label_style(("sans-serif", 13))
+        .draw()?;
+    let k = series.len().max(1) as f64;
+    let width = 0.84 / k;
+    for (si, (name, color, values)) in series.iter().enumerate() {
+        let color = *color;
+        let rects: Vec<_> = values
+            .iter()
+            .enumerate()
+            .filter_map(|(g, v)| {
+                let v = (*v)?;
+                let x0 = g as f64 - 0.42 + si as f64 * width;
+                Some(Rectangle::new(
+                    [(x0, 0.0), (x0 + width * 0.9, v)],
+                    color.filled(),
+                ))
+            })
+            .collect();
+        chart
+            .draw_series(rects)?
+            .label(name.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+        let texts: Vec<_> = values
+            .iter()
+            .enumerate()
+            .filter_map(|(g, v)| {
+                let v = (*v)?;
+                let x = g as f64 - 0.42 + (si as f64 + 0.45) * width;
+                Some(Text::new(
+                    short(v),
+                    (x, v + ymax * 0.012),
+                    ("sans-serif", 10).into_font().color(&BLACK).pos(
+                        plotters::style::text_anchor::Pos::new(
+                            plotters::style::text_anchor::HPos::Center,
+                            plotters::style::text_anchor::VPos::Bottom,
+                        ),
+                    ),
+                ))
+            })
+            .collect();
+        chart.draw_series(texts)?;
+    }
+    if let Some(h) = hline {
+        chart.draw_series(LineSeries::new(
+            vec![(-0.5, h), (n as f64 - 0.5, h)],
+            BLACK.stroke_width(1),
+        ))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font(("sans-serif", 12))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+fn short(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn chart(
+    path: &Path,
+    ctx: &Context,
+    aggs: &BTreeMap<(Scenario, Target), Agg>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::new(path, (1400, 1000)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(
+        &format!(
+            "shardproxy vs HAProxy vs direct — {} ({} rounds, medians)",
+            ctx.date, ctx.rounds
+        ),
+        ("sans-serif", 20),
+    )?;
+    let panels = root.split_evenly((2, 2));
+    let proxies: Vec<Target> = ctx
+        .targets
+        .iter()
+        .copied()
+        .filter(|t| t.kind != Kind::Direct)
+        .collect();
+    let label = |t: &Target| target_label(t, aggs);
+    let get =
+        |sc: Scenario, t: &Target, f: &dyn Fn(&Agg) -> Option<f64>| aggs.get(&(sc, *t)).and_then(f);
+
+    // (a) throughput ratios.
+    let tput: Vec<Scenario> = [
+        Scenario::Bulk1,
+        Scenario::Echo1,
+        Scenario::Rr32,
+        Scenario::Rr1,
+        Scenario::Cps32,
+    ]
+    .into_iter()
+    .filter(|s| ctx.scenarios.contains(s))
+    .collect();
+    let series: Vec<_> = proxies
+        .iter()
+        .map(|t| {
+            (
+                label(t),
+                color_of(t, ctx),
+                tput.iter().map(|s| get(*s, t, &|a| a.ratio)).collect(),
+            )
+        })
+        .collect();
+    bars(
+        &panels[0],
+        "throughput ÷ direct (higher is better; line = direct)",
+        "× direct",
+        &tput
+            .iter()
+            .map(|s| s.name().to_string())
+            .collect::<Vec<_>>(),
+        &series,
+        Some(1.0),
+    )?;
+
+    // (b) rr1 latency percentiles.
+    let mut groups = Vec::new();
+    let mut cols: Vec<usize> = Vec::new();
+    if ctx.scenarios.contains(&Scenario::Rr1) {
+        // p99.9 is in results.md: on a shared machine it is scheduler noise and would
+        // flatten the p50 bars.
+        for (i, p) in ["p50", "p99"].iter().enumerate() {
+            groups.push(format!("rr1 {p}"));
+            cols.push(i);
+        }
+    }
+    let series: Vec<_> = ctx
+        .targets
+        .iter()
+        .map(|t| {
+            (
+                label(t),
+                color_of(t, ctx),
+                cols.iter()
+                    .map(|i| get(Scenario::Rr1, t, &|a| a.lat[*i]))
+                    .collect(),
+            )
+        })
+        .collect();
+    bars(
+        &panels[1],
+        "rr1 request latency, one connection (lower is better)",
+        "µs",
+        &groups,
+        &series,
+        None,
+    )?;
+
+    // (c) CPU per GiB.
+    let cpu_sc: Vec<Scenario> = [Scenario::Bulk1, Scenario::Echo1]
+        .into_iter()
+        .filter(|s| ctx.scenarios.contains(s))
+        .collect();
+    let series: Vec<_> = proxies
+        .iter()
+        .map(|t| {
+            (
+                label(t),
+                color_of(t, ctx),
+                cpu_sc
+                    .iter()
+                    .map(|s| get(*s, t, &|a| a.cpu_per_gib))
+                    .collect(),
+            )
+        })
+        .collect();
+    bars(
+        &panels[2],
+        "proxy CPU seconds per GiB forwarded (lower is better)",
+        "CPU s / GiB",
+        &cpu_sc
+            .iter()
+            .map(|s| s.name().to_string())
+            .collect::<Vec<_>>(),
+        &series,
+        None,
+    )?;
+
+    // (d) idle memory per connection.
+    let series: Vec<_> = proxies
+        .iter()
+        .map(|t| {
+            (
+                label(t),
+                color_of(t, ctx),
+                vec![get(Scenario::Idle, t, &|a| {
+                    a.rss_per_conn.map(|b| b / 1024.0)
+                })],
+            )
+        })
+        .collect();
+    bars(
+        &panels[3],
+        &format!(
+            "idle: proxy RSS per connection, {} conns (lower is better; line = 2 KiB goal)",
+            ctx.settings.idle_conns
+        ),
+        "KiB / connection",
+        &["idle".to_string()],
+        &series,
+        Some(2.0),
+    )?;
+    root.present()?;
+    Ok(())
+}

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: direct vs shardproxy vs HAProxy (issue #3).
+#
+# Installs HAProxy if missing (apt-get), builds the release binary, and runs the harness
+# `cargo bench --bench e2e -- <flags>`. Results go to bench-results/<UTC time>/ (results.md,
+# chart.svg, samples.csv) and are copied to bench-results/latest/.
+#
+# Usage: scripts/bench.sh [FLAGS]        (all flags are passed to the harness)
+#   --quick               short smoke run (1 round, small transfers, ~40 s)
+#   --rounds N            interleaved rounds (default 3; medians are reported)
+#   --scenarios a,b       subset of bulk1,echo1,rr32,rr1,cps32,idle (default: all)
+#   --proxies a,b         subset of shardproxy,haproxy (direct always runs)
+#   --threads 1,default   proxy thread counts: shardproxy --workers N vs haproxy nbthread N;
+#                         `default` passes neither (one per core for both)
+#   --duration S          rr/cps measured window in seconds (default 2)
+#   --warmup S            warm-up before each window (default 0.3)
+#   --bulk-mib N          bulk1 size (default 2048)
+#   --echo-mib N          echo1 size each way (default 1024)
+#   --idle-conns N        idle connections (default 5000)
+#   --out DIR             results folder (default bench-results)
+#   --haproxy PATH        HAProxy binary (default: haproxy on PATH)
+#   --shardproxy-args "A B"  extra `shardproxy run` flags for an A/B run (e.g. "--no-splice")
+#   --no-progress         no progress bar
+#   --help                the harness's own help
+# Also: `cargo bench --bench micro` for the criterion micro-benchmarks (~1 min).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v haproxy >/dev/null 2>&1; then
+    echo "bench.sh: installing haproxy" >&2
+    if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get install -y haproxy >/dev/null 2>&1 || {
+        $SUDO apt-get update >/dev/null && $SUDO apt-get install -y haproxy >/dev/null
+    }
+fi
+
+cargo build --release --bin shardproxy
+exec cargo bench --bench e2e -- "$@"
