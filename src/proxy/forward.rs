@@ -15,7 +15,7 @@
 //! allocation per byte: per chunk, one atomic add for the byte counter.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::Counter;
@@ -77,22 +77,28 @@ pub async fn forward(
         stream: backend,
         side: Side::Backend,
     };
-    let splice = opts.splice;
+    let finished = AtomicBool::new(false);
+    let shared = Shared {
+        clock: None,
+        splice: opts.splice,
+        metrics,
+        finished: &finished,
+    };
     // Each branch builds its own pumps: a future built outside and moved into `select!`
     // would occupy two slots of this future, doubling what every idle connection holds.
     let (to_backend, to_client) = match (idle_timeout, clock.as_ref()) {
         (Some(limit), Some(clock)) => tokio::select! {
             r = async {
                 tokio::try_join!(
-                    pump(&c, &b, to_backend, Some(clock), splice, metrics),
-                    pump(&b, &c, to_client, Some(clock), splice, metrics),
+                    pump(&c, &b, to_backend, Shared { clock: Some(clock), ..shared }),
+                    pump(&b, &c, to_client, Shared { clock: Some(clock), ..shared }),
                 )
             } => r?,
             () = Box::pin(clock.expired(limit)) => return Err(ConnError::Idle),
         },
         _ => tokio::try_join!(
-            pump(&c, &b, to_backend, None, splice, metrics),
-            pump(&b, &c, to_client, None, splice, metrics),
+            pump(&c, &b, to_backend, shared),
+            pump(&b, &c, to_client, shared),
         )?,
     };
     Ok(Transfer {
@@ -102,14 +108,31 @@ pub async fn forward(
 }
 
 /// Moves bytes `src` → `dst` until `src` sends FIN, then half-closes `dst`.
+/// What both pumps of a connection share.
+#[derive(Clone, Copy)]
+struct Shared<'a> {
+    /// Activity clock for the idle timeout, if one is set.
+    clock: Option<&'a Activity>,
+    /// Whether to splice (else copy).
+    splice: bool,
+    /// For the fallback counter.
+    metrics: &'a Metrics,
+    /// Set by the first pump to see EOF.
+    finished: &'a AtomicBool,
+}
+
 async fn pump(
     src: &End<'_>,
     dst: &End<'_>,
     counter: &Counter,
-    clock: Option<&Activity>,
-    splice: bool,
-    metrics: &Metrics,
+    shared: Shared<'_>,
 ) -> Result<u64, ConnError> {
+    let Shared {
+        clock,
+        splice,
+        metrics,
+        finished,
+    } = shared;
     let read_err = |source| ConnError::Forward {
         side: src.side,
         source,
@@ -159,10 +182,14 @@ async fn pump(
     if let Some(p) = held.take() {
         pipe::release(p);
     }
-    shutdown_write(dst.stream).map_err(|source| ConnError::Forward {
-        side: dst.side,
-        source,
-    })?;
+    // Forward the FIN. The last direction to finish skips it: both sockets close right
+    // after, and close() sends the same FIN (one syscall less per connection).
+    if !finished.swap(true, Ordering::AcqRel) {
+        shutdown_write(dst.stream).map_err(|source| ConnError::Forward {
+            side: dst.side,
+            source,
+        })?;
+    }
     Ok(total)
 }
 
