@@ -345,27 +345,6 @@ async fn header_deadline_does_not_outlive_the_header() {
     .await;
 }
 
-/// splitmix64, for the garbage generator.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
-
 /// A garbage opening for client `i` and the header error it must cause (the client
 /// half-closes after sending it). Never a valid header.
 fn garbage(i: u64, fmt: &HeaderFormat) -> (Vec<u8>, &'static str) {

@@ -33,14 +33,6 @@ const HANG_GUARD: Duration = Duration::from_secs(10);
 /// Round trips in flight at once.
 const CONCURRENCY: usize = 16;
 
-fn key(i: usize) -> Vec<u8> {
-    format!("user:{i}").into_bytes()
-}
-
-fn keys(n: usize) -> Vec<Vec<u8>> {
-    (0..n).map(key).collect()
-}
-
 fn spec(name: &str, addr: SocketAddr) -> BackendSpec {
     BackendSpec {
         name: name.to_string(),

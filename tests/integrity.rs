@@ -27,6 +27,16 @@ const BULK_GUARD: Duration = Duration::from_secs(180);
 const GUARD: Duration = Duration::from_secs(60);
 /// Largest single write (the write sizes are 1 B ..= this).
 const MAX_WRITE: usize = 256 * 1024;
+
+/// A write size in 1 ..= `MAX_WRITE`; a quarter are tiny (1 ..= 1024 B) so odd chunk
+/// boundaries are common, the rest uniform.
+fn write_size(rng: &mut Rng) -> usize {
+    if rng.below(4) == 0 {
+        1 + rng.below(1024) as usize
+    } else {
+        1 + rng.below(MAX_WRITE as u64) as usize
+    }
+}
 /// Read buffer of the verifiers.
 const READ_BUF: usize = 256 * 1024;
 
@@ -35,33 +45,6 @@ async fn guard<T>(limit: Duration, fut: impl std::future::Future<Output = T>) ->
     tokio::time::timeout(limit, fut)
         .await
         .unwrap_or_else(|_| panic!("hang guard: test did not finish within {limit:?}"))
-}
-
-/// splitmix64: the seeded source of write sizes (independent of the data stream).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// A write size in 1 ..= `MAX_WRITE`; a quarter are tiny (1 ..= 1024 B) so odd chunk
-    /// boundaries are common, the rest uniform.
-    fn write_size(&mut self) -> usize {
-        if self.below(4) == 0 {
-            1 + self.below(1024) as usize
-        } else {
-            1 + self.below(MAX_WRITE as u64) as usize
-        }
-    }
 }
 
 /// Writes `len` bytes of `PrngStream::new(seed)` in random-sized writes (sizes seeded by
@@ -77,7 +60,7 @@ async fn send_prng<W: AsyncWrite + Unpin>(
     let mut buf = vec![0u8; MAX_WRITE];
     let mut left = len;
     while left > 0 {
-        let n = (sizes.write_size() as u64).min(left) as usize;
+        let n = (write_size(&mut sizes) as u64).min(left) as usize;
         data.fill(&mut buf[..n]);
         wr.write_all(&buf[..n]).await?;
         left -= n as u64;

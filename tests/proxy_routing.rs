@@ -30,14 +30,6 @@ const HANG_GUARD: Duration = Duration::from_secs(30);
 /// Round trips in flight at once.
 const CONCURRENCY: usize = 16;
 
-fn key(i: usize) -> Vec<u8> {
-    format!("user:{i}").into_bytes()
-}
-
-fn keys(n: usize) -> Vec<Vec<u8>> {
-    (0..n).map(key).collect()
-}
-
 /// Sends every key through `addr` (one verified round trip each) and returns, per key, the
 /// name of the backend that answered.
 async fn route_all(addr: SocketAddr, keys: &[Vec<u8>]) -> Vec<String> {

@@ -163,7 +163,15 @@ pub(crate) async fn read_header(
     fmt: &HeaderFormat,
     buf: &mut [u8],
 ) -> Result<HeaderRead, ConnError> {
-    let mut filled = 0;
+    // Clients send the header with their first packet, so it is usually queued by the time
+    // the connection is accepted: read it at once instead of waiting for the poller to
+    // report what the kernel already has (saves a trip through the event loop).
+    let mut filled = match recv(client.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
+        Ok(0) => return Err(HeaderError::Eof.into()),
+        Ok(n) => n,
+        Err(nix::errno::Errno::EAGAIN) => 0,
+        Err(e) => return Err(ConnError::HeaderIo(e.into())),
+    };
     loop {
         match fmt.parse(&buf[..filled]) {
             Parse::Need(_) => {}

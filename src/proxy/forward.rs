@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use metrics::Counter;
 use nix::fcntl::{splice, SpliceFFlags};
+use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -56,6 +57,16 @@ pub struct ForwardOptions {
     pub idle_timeout: Option<Duration>,
     /// Use `splice(2)`; `false` always takes the buffered copy.
     pub splice: bool,
+}
+
+impl End<'_> {
+    /// This side's socket failed.
+    fn fail(&self, source: io::Error) -> ConnError {
+        ConnError::Forward {
+            side: self.side,
+            source,
+        }
+    }
 }
 
 /// Forwards both directions until both have seen EOF, an error, or the idle timeout.
@@ -133,17 +144,13 @@ async fn pump(
         metrics,
         finished,
     } = shared;
-    let read_err = |source| ConnError::Forward {
-        side: src.side,
-        source,
-    };
     let mut total = 0u64;
     let mut held: Option<Pipe> = None;
     let mut fallback: Option<Box<[u8]>> = None;
     loop {
         if held.is_none() {
             // Idle: hold no pipe until there is something to move.
-            src.stream.readable().await.map_err(read_err)?;
+            src.stream.readable().await.map_err(|e| src.fail(e))?;
         }
         if held.is_none() && fallback.is_none() {
             match splice.then(pipe::acquire) {
@@ -185,10 +192,7 @@ async fn pump(
     // Forward the FIN. The last direction to finish skips it: both sockets close right
     // after, and close() sends the same FIN (one syscall less per connection).
     if !finished.swap(true, Ordering::AcqRel) {
-        shutdown_write(dst.stream).map_err(|source| ConnError::Forward {
-            side: dst.side,
-            source,
-        })?;
+        shutdown_write(dst.stream).map_err(|e| dst.fail(e))?;
     }
     Ok(total)
 }
@@ -217,87 +221,70 @@ async fn splice_chunk(src: &End<'_>, dst: &End<'_>, pipe: &Pipe) -> Result<Chunk
         )
         .map_err(io::Error::from)
     });
-    let n = match read {
-        Ok(0) => return Ok(Chunk::Eof),
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Chunk::Empty),
-        Err(source) => {
-            return Err(ConnError::Forward {
-                side: src.side,
-                source,
-            })
-        }
+    let n = match classify_read(src, read)? {
+        Chunk::Moved(n) => n,
+        other => return Ok(other),
     };
-    let mut left = n;
-    while left > 0 {
-        let wrote = dst.stream.try_io(Interest::WRITABLE, || {
-            splice(pipe.reader(), None, dst.stream, None, left, flags).map_err(io::Error::from)
-        });
-        match wrote {
-            Ok(0) => {
-                return Err(ConnError::Forward {
-                    side: dst.side,
-                    source: io::ErrorKind::WriteZero.into(),
-                })
-            }
-            Ok(k) => left -= k,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Boxed: the slow path pays one small allocation per stall, and every
-                // connection's future stays small (this is most of what an idle one holds).
-                Box::pin(wait_writable(src, dst)).await?;
-            }
-            Err(source) => {
-                return Err(ConnError::Forward {
-                    side: dst.side,
-                    source,
-                })
-            }
-        }
-    }
+    deliver(src, dst, n, |sent| {
+        splice(pipe.reader(), None, dst.stream, None, n - sent, flags).map_err(io::Error::from)
+    })
+    .await?;
     Ok(Chunk::Moved(n))
 }
 
 /// The fallback: read into `buf`, write it all to `dst`.
 async fn copy_chunk(src: &End<'_>, dst: &End<'_>, buf: &mut [u8]) -> Result<Chunk, ConnError> {
-    let n = match src.stream.try_read(buf) {
-        Ok(0) => return Ok(Chunk::Eof),
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Chunk::Empty),
-        Err(source) => {
-            return Err(ConnError::Forward {
-                side: src.side,
-                source,
-            })
-        }
+    let n = match classify_read(src, src.stream.try_read(buf))? {
+        Chunk::Moved(n) => n,
+        other => return Ok(other),
     };
+    let buf = &buf[..n];
+    deliver(src, dst, n, |sent| {
+        SockRef::from(dst.stream).send(&buf[sent..])
+    })
+    .await?;
+    Ok(Chunk::Moved(n))
+}
+
+/// What a read of `src` returned, as a chunk: 0 is EOF, `EAGAIN` is "empty".
+fn classify_read(src: &End<'_>, read: io::Result<usize>) -> Result<Chunk, ConnError> {
+    match read {
+        Ok(0) => Ok(Chunk::Eof),
+        Ok(n) => Ok(Chunk::Moved(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Chunk::Empty),
+        Err(source) => Err(src.fail(source)),
+    }
+}
+
+/// Writes `n` bytes to `dst`, `write(sent)` moving the next ones (a splice from the pipe or
+/// a send from the buffer), and waits — watching `src` — whenever `dst` is full.
+async fn deliver(
+    src: &End<'_>,
+    dst: &End<'_>,
+    n: usize,
+    mut write: impl FnMut(usize) -> io::Result<usize>,
+) -> Result<(), ConnError> {
     let mut sent = 0;
     while sent < n {
-        match dst.stream.try_write(&buf[sent..n]) {
+        match dst.stream.try_io(Interest::WRITABLE, || write(sent)) {
+            Ok(0) => return Err(dst.fail(io::ErrorKind::WriteZero.into())),
             Ok(k) => sent += k,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // Boxed: the slow path pays one small allocation per stall, and every
                 // connection's future stays small (this is most of what an idle one holds).
                 Box::pin(wait_writable(src, dst)).await?;
             }
-            Err(source) => {
-                return Err(ConnError::Forward {
-                    side: dst.side,
-                    source,
-                })
-            }
+            Err(source) => return Err(dst.fail(source)),
         }
     }
-    Ok(Chunk::Moved(n))
+    Ok(())
 }
 
 /// Waits until `dst` can take more bytes, while watching `src` for a reset: with `dst`
 /// stalled and the other pump waiting on `dst` too, nothing else would notice `src` break.
 async fn wait_writable(src: &End<'_>, dst: &End<'_>) -> Result<(), ConnError> {
     tokio::select! {
-        r = dst.stream.writable() => r.map_err(|source| ConnError::Forward {
-            side: dst.side,
-            source,
-        }),
+        r = dst.stream.writable() => r.map_err(|source| dst.fail(source)),
         r = src.stream.ready(Interest::ERROR) => {
             let source = match r {
                 Err(e) => e,
@@ -308,10 +295,7 @@ async fn wait_writable(src: &End<'_>, dst: &End<'_>) -> Result<(), ConnError> {
                     .flatten()
                     .unwrap_or_else(|| io::ErrorKind::ConnectionReset.into()),
             };
-            Err(ConnError::Forward {
-                side: src.side,
-                source,
-            })
+            Err(src.fail(source))
         }
     }
 }

@@ -184,3 +184,37 @@ pub async fn scrape(proxy: &ProxyHandle) -> String {
     assert!(status.contains("200"), "GET /metrics: {status}");
     body
 }
+
+/// splitmix64: a seeded source of sizes and garbage (independent of the data stream).
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// `n` random bytes.
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// The `i`-th test key, `user:{i}`.
+pub fn key(i: usize) -> Vec<u8> {
+    format!("user:{i}").into_bytes()
+}
+
+/// Keys `user:0 .. user:{n-1}`.
+pub fn keys(n: usize) -> Vec<Vec<u8>> {
+    (0..n).map(key).collect()
+}
