@@ -31,3 +31,21 @@ async fn one_round_trip_and_metrics() {
     assert!(status.contains("200"));
     assert!(body.contains("ok"));
 }
+
+/// The proxy turns Nagle off on its listener and relies on accepted sockets inheriting it
+/// (or small request/response traffic stalls on delayed ACKs): check this kernel does.
+#[test]
+fn accepted_sockets_inherit_nodelay() {
+    use socket2::{Domain, Socket, Type};
+    let l = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    l.set_tcp_nodelay(true).unwrap();
+    l.bind(&any_port().into()).unwrap();
+    l.listen(1).unwrap();
+    let addr = l.local_addr().unwrap().as_socket().unwrap();
+    let _client = std::net::TcpStream::connect(addr).unwrap();
+    let (accepted, _) = l.accept().unwrap();
+    assert!(
+        accepted.tcp_nodelay().unwrap(),
+        "TCP_NODELAY was not inherited"
+    );
+}

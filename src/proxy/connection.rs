@@ -93,7 +93,7 @@ async fn phases(shared: &Shared, client: &TcpStream) -> Outcome {
     let name = be.name.clone();
     let fail = |e: ConnError| (e, Some(name.clone()));
     let _backend_active = ActiveGuard::new(be.metrics.active.clone());
-    set_nodelay(client);
+    // The client socket inherited TCP_NODELAY from the listener.
     set_nodelay(&backend);
 
     // Phase 4: the preamble — the header unless stripped, and whatever came after it.
