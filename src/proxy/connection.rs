@@ -372,7 +372,7 @@ mod size_tests {
             let peer = c.local_addr().unwrap();
             let f = serve(shared, c, peer, CancellationToken::new());
             let size = std::mem::size_of_val(&f);
-            assert!(size <= 1600, "a connection's future grew to {size} bytes");
+            assert!(size <= 1300, "a connection's future grew to {size} bytes");
         });
     }
 }

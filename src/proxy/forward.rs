@@ -14,6 +14,7 @@
 //! its source for errors — and the caller then resets the other side. No lock and no
 //! allocation per byte: per chunk, one atomic add for the byte counter.
 
+use std::future::poll_fn;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -29,6 +30,11 @@ use super::pipe::{self, Pipe};
 use super::sockopt::shutdown_write;
 use crate::error::{ConnError, Side};
 use crate::metrics::Metrics;
+
+/// Non-blocking, and move pages rather than copy where the kernel can. Never
+/// `SPLICE_F_MORE`: it delays small writes (golang/go#10948).
+const SPLICE_FLAGS: SpliceFFlags =
+    SpliceFFlags::SPLICE_F_NONBLOCK.union(SpliceFFlags::SPLICE_F_MOVE);
 
 /// Buffer size of the copy fallback.
 const FALLBACK_BUF: usize = 16 * 1024;
@@ -95,22 +101,20 @@ pub async fn forward(
         metrics,
         finished: &finished,
     };
-    // Each branch builds its own pumps: a future built outside and moved into `select!`
-    // would occupy two slots of this future, doubling what every idle connection holds.
-    let (to_backend, to_client) = match (idle_timeout, clock.as_ref()) {
-        (Some(limit), Some(clock)) => tokio::select! {
-            r = async {
-                tokio::try_join!(
-                    pump(&c, &b, to_backend, Shared { clock: Some(clock), ..shared }),
-                    pump(&b, &c, to_client, Shared { clock: Some(clock), ..shared }),
-                )
-            } => r?,
-            () = Box::pin(clock.expired(limit)) => return Err(ConnError::Idle),
-        },
-        _ => tokio::try_join!(
-            pump(&c, &b, to_backend, shared),
-            pump(&b, &c, to_client, shared),
-        )?,
+    let shared = Shared {
+        clock: clock.as_ref(),
+        ..shared
+    };
+    // The pumps are built inside `select!`: a future built outside and moved in would take
+    // two slots of this future, and its size is most of what an idle connection costs.
+    let (to_backend, to_client) = tokio::select! {
+        r = async {
+            tokio::try_join!(
+                pump(&c, &b, to_backend, shared),
+                pump(&b, &c, to_client, shared),
+            )
+        } => r?,
+        () = idle_expired(idle_timeout, clock.as_ref()) => return Err(ConnError::Idle),
     };
     Ok(Transfer {
         to_backend,
@@ -140,7 +144,7 @@ async fn pump(
 ) -> Result<u64, ConnError> {
     let Shared {
         clock,
-        splice,
+        splice: use_splice,
         metrics,
         finished,
     } = shared;
@@ -150,10 +154,14 @@ async fn pump(
     loop {
         if held.is_none() {
             // Idle: hold no pipe until there is something to move.
-            src.stream.readable().await.map_err(|e| src.fail(e))?;
+            // `poll_read_ready` parks in the socket's own reader slot (this pump is the only
+            // reader of `src`), so the wait adds nothing to this future, unlike `readable()`.
+            poll_fn(|cx| src.stream.poll_read_ready(cx))
+                .await
+                .map_err(|e| src.fail(e))?;
         }
         if held.is_none() && fallback.is_none() {
-            match splice.then(pipe::acquire) {
+            match use_splice.then(pipe::acquire) {
                 Some(Ok(p)) => held = Some(p),
                 Some(Err(_)) => {
                     metrics.splice_fallback();
@@ -162,9 +170,27 @@ async fn pump(
                 None => fallback = Some(vec![0u8; FALLBACK_BUF].into_boxed_slice()),
             }
         }
+        // Read and deliver without awaiting; only a stalled destination needs a future,
+        // boxed so that this one (held by every connection, idle or not) stays small.
         let moved = match (&held, fallback.as_deref_mut()) {
-            (Some(pipe), _) => splice_chunk(src, dst, pipe).await?,
-            (None, Some(buf)) => copy_chunk(src, dst, buf).await?,
+            (Some(pipe), _) => {
+                let (chunk, sent) = splice_step(src, dst, pipe)?;
+                if let Chunk::Moved(n) = chunk {
+                    if sent < n {
+                        Box::pin(deliver(src, dst, sent, n, pipe_writer(pipe, dst))).await?;
+                    }
+                }
+                chunk
+            }
+            (None, Some(buf)) => {
+                let (chunk, sent) = copy_step(src, dst, buf)?;
+                if let Chunk::Moved(n) = chunk {
+                    if sent < n {
+                        Box::pin(deliver(src, dst, sent, n, buf_writer(&buf[..n], dst))).await?;
+                    }
+                }
+                chunk
+            }
             (None, None) => continue,
         };
         match moved {
@@ -207,9 +233,9 @@ enum Chunk {
     Eof,
 }
 
-/// Splices what the source has into the (empty) pipe, then drains the pipe into `dst`.
-async fn splice_chunk(src: &End<'_>, dst: &End<'_>, pipe: &Pipe) -> Result<Chunk, ConnError> {
-    let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
+/// Splices what `src` has into the (empty) pipe and as much of it on into `dst` as `dst`
+/// takes now. Returns the chunk and, if bytes moved, how many reached `dst`.
+fn splice_step(src: &End<'_>, dst: &End<'_>, pipe: &Pipe) -> Result<(Chunk, usize), ConnError> {
     let read = src.stream.try_io(Interest::READABLE, || {
         splice(
             src.stream,
@@ -217,33 +243,54 @@ async fn splice_chunk(src: &End<'_>, dst: &End<'_>, pipe: &Pipe) -> Result<Chunk
             pipe.writer(),
             None,
             pipe.capacity(),
-            flags,
+            SPLICE_FLAGS,
         )
         .map_err(io::Error::from)
     });
-    let n = match classify_read(src, read)? {
-        Chunk::Moved(n) => n,
-        other => return Ok(other),
-    };
-    deliver(src, dst, n, |sent| {
-        splice(pipe.reader(), None, dst.stream, None, n - sent, flags).map_err(io::Error::from)
-    })
-    .await?;
-    Ok(Chunk::Moved(n))
+    match classify_read(src, read)? {
+        Chunk::Moved(n) => Ok((
+            Chunk::Moved(n),
+            try_deliver(dst, 0, n, pipe_writer(pipe, dst))?,
+        )),
+        other => Ok((other, 0)),
+    }
 }
 
-/// The fallback: read into `buf`, write it all to `dst`.
-async fn copy_chunk(src: &End<'_>, dst: &End<'_>, buf: &mut [u8]) -> Result<Chunk, ConnError> {
-    let n = match classify_read(src, src.stream.try_read(buf))? {
-        Chunk::Moved(n) => n,
-        other => return Ok(other),
-    };
-    let buf = &buf[..n];
-    deliver(src, dst, n, |sent| {
-        SockRef::from(dst.stream).send(&buf[sent..])
-    })
-    .await?;
-    Ok(Chunk::Moved(n))
+/// The fallback: reads into `buf` and sends as much as `dst` takes now.
+fn copy_step(src: &End<'_>, dst: &End<'_>, buf: &mut [u8]) -> Result<(Chunk, usize), ConnError> {
+    match classify_read(src, src.stream.try_read(buf))? {
+        Chunk::Moved(n) => Ok((
+            Chunk::Moved(n),
+            try_deliver(dst, 0, n, buf_writer(&buf[..n], dst))?,
+        )),
+        other => Ok((other, 0)),
+    }
+}
+
+/// Moves bytes from the pipe into `dst`: `(sent, n)` → a splice of the `n - sent` left.
+fn pipe_writer<'a>(
+    pipe: &'a Pipe,
+    dst: &'a End<'_>,
+) -> impl FnMut(usize, usize) -> io::Result<usize> + 'a {
+    move |sent, n| {
+        splice(
+            pipe.reader(),
+            None,
+            dst.stream,
+            None,
+            n - sent,
+            SPLICE_FLAGS,
+        )
+        .map_err(io::Error::from)
+    }
+}
+
+/// Sends bytes from `buf` into `dst`: `(sent, _)` → a send of `buf[sent..]`.
+fn buf_writer<'a>(
+    buf: &'a [u8],
+    dst: &'a End<'_>,
+) -> impl FnMut(usize, usize) -> io::Result<usize> + 'a {
+    move |sent, _| SockRef::from(dst.stream).send(&buf[sent..])
 }
 
 /// What a read of `src` returned, as a chunk: 0 is EOF, `EAGAIN` is "empty".
@@ -256,28 +303,48 @@ fn classify_read(src: &End<'_>, read: io::Result<usize>) -> Result<Chunk, ConnEr
     }
 }
 
-/// Writes `n` bytes to `dst`, `write(sent)` moving the next ones (a splice from the pipe or
-/// a send from the buffer), and waits — watching `src` — whenever `dst` is full.
-async fn deliver(
-    src: &End<'_>,
+/// Writes to `dst` while it takes bytes: `write(sent, n)` moves the next ones (a splice
+/// from the pipe or a send from the buffer). Returns how many of the `n` are sent when `dst`
+/// filled up (`n` if all). Never waits.
+fn try_deliver(
     dst: &End<'_>,
+    mut sent: usize,
     n: usize,
-    mut write: impl FnMut(usize) -> io::Result<usize>,
-) -> Result<(), ConnError> {
-    let mut sent = 0;
+    mut write: impl FnMut(usize, usize) -> io::Result<usize>,
+) -> Result<usize, ConnError> {
     while sent < n {
-        match dst.stream.try_io(Interest::WRITABLE, || write(sent)) {
+        match dst.stream.try_io(Interest::WRITABLE, || write(sent, n)) {
             Ok(0) => return Err(dst.fail(io::ErrorKind::WriteZero.into())),
             Ok(k) => sent += k,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Boxed: the slow path pays one small allocation per stall, and every
-                // connection's future stays small (this is most of what an idle one holds).
-                Box::pin(wait_writable(src, dst)).await?;
-            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(source) => return Err(dst.fail(source)),
         }
     }
+    Ok(sent)
+}
+
+/// Finishes a delivery that stalled: waits for `dst` (watching `src`), then writes more.
+async fn deliver(
+    src: &End<'_>,
+    dst: &End<'_>,
+    mut sent: usize,
+    n: usize,
+    mut write: impl FnMut(usize, usize) -> io::Result<usize>,
+) -> Result<(), ConnError> {
+    while sent < n {
+        wait_writable(src, dst).await?;
+        sent = try_deliver(dst, sent, n, &mut write)?;
+    }
     Ok(())
+}
+
+/// Completes when the idle timeout passes with nothing moved; never without one. Boxed so
+/// that its timer costs nothing on connections without an idle timeout.
+async fn idle_expired(limit: Option<Duration>, clock: Option<&Activity>) {
+    match (limit, clock) {
+        (Some(limit), Some(clock)) => Box::pin(clock.expired(limit)).await,
+        _ => std::future::pending().await,
+    }
 }
 
 /// Waits until `dst` can take more bytes, while watching `src` for a reset: with `dst`
