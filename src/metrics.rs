@@ -131,8 +131,14 @@ impl Metrics {
         {
             self.inner.fd_limit.set(soft as f64);
         }
-        self.inner.handle.run_upkeep();
+        self.upkeep();
         self.inner.handle.render()
+    }
+
+    /// Folds recorded histogram samples into their buckets. Samples pile up until this runs,
+    /// so it must run periodically even when nobody scrapes (see [`run_upkeep`]).
+    pub fn upkeep(&self) {
+        self.inner.handle.run_upkeep();
     }
 
     /// Counts an accepted client connection (admitted or not).
@@ -260,6 +266,22 @@ impl ActiveGuard {
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.decrement(1.0);
+    }
+}
+
+/// How often [`run_upkeep`] folds histogram samples (the exporter's own default).
+pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs [`Metrics::upkeep`] every [`UPKEEP_INTERVAL`] until `stop` is cancelled, so
+/// histogram samples cannot accumulate without bound on a proxy nobody scrapes.
+pub async fn run_upkeep(metrics: Metrics, stop: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => metrics.upkeep(),
+        }
     }
 }
 

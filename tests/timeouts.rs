@@ -76,3 +76,30 @@ async fn busy_connection_outlives_the_idle_timeout() {
     );
     assert_eq!(metric(&text, "shardproxy_connections_active"), 1.0);
 }
+
+/// Shutdown lets connections finish up to the drain deadline, then closes the rest and says
+/// how many it cut; new connections are refused from the start of the drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_deadline_cuts_what_is_left() {
+    let backends = echo_backends(1).await;
+    let proxy = start_proxy(specs(&backends), |c| {
+        c.drain_timeout = Duration::from_millis(300)
+    })
+    .await;
+    let addr = proxy.local_addr();
+    let mut lingering = connect(&proxy, b"lingering").await;
+    let cut = timeout(GUARD, proxy.shutdown())
+        .await
+        .expect("shutdown hung past the drain deadline");
+    assert_eq!(cut, 1, "one connection was still open at the deadline");
+    let mut byte = [0u8; 1];
+    let n = timeout(GUARD, lingering.read(&mut byte))
+        .await
+        .expect("the cut connection was never closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "expected the cut connection to be closed");
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "the listener still accepts after shutdown"
+    );
+}

@@ -12,7 +12,9 @@
 //! exhaustion) the pump copies through a small buffer instead. A reset or socket error on
 //! either side ends both directions — a pump blocked on a stalled destination still watches
 //! its source for errors — and the caller then resets the other side. No lock and no
-//! allocation per byte: per chunk, one atomic add for the byte counter.
+//! allocation per byte: per chunk, one atomic add for the byte counter. Reading and
+//! delivering never await; only a stalled destination costs a (boxed) future, so the
+//! future every connection holds — most of an idle connection's memory — stays small.
 
 use std::future::poll_fn;
 use std::io;
@@ -25,6 +27,7 @@ use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::pipe::{self, Pipe};
 use super::sockopt::shutdown_write;
@@ -58,11 +61,13 @@ pub struct End<'a> {
 
 /// How a connection forwards.
 #[derive(Debug, Clone, Copy)]
-pub struct ForwardOptions {
+pub struct ForwardOptions<'a> {
     /// Close when neither direction moved a byte for this long.
     pub idle_timeout: Option<Duration>,
     /// Use `splice(2)`; `false` always takes the buffered copy.
     pub splice: bool,
+    /// Cancelled when the drain deadline passes: stop forwarding at once.
+    pub kill: &'a CancellationToken,
 }
 
 impl End<'_> {
@@ -81,7 +86,7 @@ pub async fn forward(
     backend: &TcpStream,
     to_backend: &Counter,
     to_client: &Counter,
-    opts: ForwardOptions,
+    opts: ForwardOptions<'_>,
     metrics: &Metrics,
 ) -> Result<Transfer, ConnError> {
     let idle_timeout = opts.idle_timeout;
@@ -115,6 +120,7 @@ pub async fn forward(
             )
         } => r?,
         () = idle_expired(idle_timeout, clock.as_ref()) => return Err(ConnError::Idle),
+        () = opts.kill.cancelled() => return Err(ConnError::Shutdown),
     };
     Ok(Transfer {
         to_backend,

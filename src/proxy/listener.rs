@@ -50,7 +50,7 @@ pub(crate) async fn run_accept(
                 let shared = shared.clone();
                 let kill = kill.clone();
                 tracker.spawn(async move {
-                    serve(shared, client, peer, kill).await;
+                    serve(shared, client, kill).await;
                     drop(permit);
                 });
             }

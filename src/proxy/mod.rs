@@ -146,6 +146,10 @@ pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<Pro
             }
         }
     }
+    tasks.push(tokio::spawn(crate::metrics::run_upkeep(
+        metrics.clone(),
+        stop.clone(),
+    )));
     if let Some(l) = admin_listener {
         tasks.push(tokio::spawn(admin::run_admin(l, metrics, stop.clone())));
     }
