@@ -146,8 +146,11 @@ fn backend_connections(b: &str) -> String {
 
 const CONNECT_FAILED: &str = "shardproxy_connection_errors_total{reason=\"connect_failed\"}";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refusing_owner_sends_its_keys_to_their_second_choice_only() {
+/// Echo backends b1 and b3 around a b2 that refuses connections, behind a proxy configured
+/// by `tweak`.
+async fn b2_refusing(
+    tweak: impl FnOnce(&mut shardproxy::ProxyConfig),
+) -> (EchoBackend, EchoBackend, ProxyHandle) {
     let b1 = EchoBackend::start(any_port(), "b1").await.unwrap();
     let b3 = EchoBackend::start(any_port(), "b3").await.unwrap();
     let proxy = start_proxy(
@@ -156,9 +159,15 @@ async fn a_refusing_owner_sends_its_keys_to_their_second_choice_only() {
             spec("b2", refusing_addr()),
             spec("b3", b3.local_addr()),
         ],
-        |_| {},
+        tweak,
     )
     .await;
+    (b1, b3, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_owner_sends_its_keys_to_their_second_choice_only() {
+    let (b1, b3, proxy) = b2_refusing(|_| {}).await;
     let router = router3();
     let keys = keys(600);
     let got = attempt_all(proxy.local_addr(), &keys).await;
@@ -271,17 +280,7 @@ async fn failover_never_tries_a_node_twice_and_stops_at_max_tries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_tries_one_fails_the_refusing_nodes_keys_and_serves_the_rest() {
-    let b1 = EchoBackend::start(any_port(), "b1").await.unwrap();
-    let b3 = EchoBackend::start(any_port(), "b3").await.unwrap();
-    let proxy = start_proxy(
-        vec![
-            spec("b1", b1.local_addr()),
-            spec("b2", refusing_addr()),
-            spec("b3", b3.local_addr()),
-        ],
-        |c| c.max_tries = 1,
-    )
-    .await;
+    let (_b1, _b3, proxy) = b2_refusing(|c| c.max_tries = 1).await;
     let router = router3();
     let keys = keys(300);
     let got = attempt_all(proxy.local_addr(), &keys).await;
@@ -310,17 +309,7 @@ async fn max_tries_one_fails_the_refusing_nodes_keys_and_serves_the_rest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_none_closes_the_client_and_no_other_backend_is_contacted() {
-    let b1 = EchoBackend::start(any_port(), "b1").await.unwrap();
-    let b3 = EchoBackend::start(any_port(), "b3").await.unwrap();
-    let proxy = start_proxy(
-        vec![
-            spec("b1", b1.local_addr()),
-            spec("b2", refusing_addr()),
-            spec("b3", b3.local_addr()),
-        ],
-        |c| c.failover = Failover::None,
-    )
-    .await;
+    let (b1, b3, proxy) = b2_refusing(|c| c.failover = Failover::None).await;
     let router = router3();
     let all = keys(200);
     let (orphans, others): (Vec<_>, Vec<_>) = all
