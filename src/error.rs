@@ -35,7 +35,9 @@ pub enum ConnError {
     #[error("no backend takes new keys")]
     NoBackend,
     /// Every backend tried failed to connect.
-    #[error("could not connect to a backend after {tries} tries")]
+    #[error(
+        "could not connect to a backend after {tries} tries (the last is named as the backend)"
+    )]
     ConnectFailed {
         /// How many backends were tried.
         tries: u32,

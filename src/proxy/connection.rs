@@ -87,9 +87,7 @@ async fn phases(shared: &Shared, client: &TcpStream, kill: &CancellationToken) -
 
     // Phase 2 and 3: route on one table snapshot, connect in rank order.
     let table = shared.table.load_full();
-    let (index, backend) = connect(shared, &table, KeyDigest::of(key))
-        .await
-        .map_err(|e| (e, None))?;
+    let (index, backend) = connect(shared, &table, KeyDigest::of(key)).await?;
     let be = &table.backends[index];
     let name = be.name.clone();
     let fail = |e: ConnError| (e, Some(name.clone()));
@@ -248,7 +246,7 @@ async fn connect(
     shared: &Shared,
     table: &RoutingTable,
     digest: KeyDigest,
-) -> Result<(usize, TcpStream), ConnError> {
+) -> Result<(usize, TcpStream), (ConnError, Option<Arc<str>>)> {
     let tries = (shared.config.effective_tries() as usize).min(MAX_TRIES as usize);
     let mut tried = [usize::MAX; MAX_TRIES as usize];
     let mut n = 0;
@@ -280,10 +278,14 @@ async fn connect(
         }
     }
     match n {
-        0 => Err(ConnError::NoBackend),
-        tries => Err(ConnError::ConnectFailed {
-            tries: tries as u32,
-        }),
+        0 => Err((ConnError::NoBackend, None)),
+        // The log names the last backend tried (the earlier ones are in the metrics).
+        tries => Err((
+            ConnError::ConnectFailed {
+                tries: tries as u32,
+            },
+            Some(table.backends[tried[tries - 1]].name.clone()),
+        )),
     }
 }
 
