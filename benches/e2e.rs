@@ -25,6 +25,8 @@
 
 #[path = "e2e/backend.rs"]
 mod backend;
+#[path = "e2e/chart.rs"]
+mod chart;
 #[path = "e2e/procs.rs"]
 mod procs;
 #[path = "e2e/report.rs"]
