@@ -26,35 +26,35 @@ fn cpu_seconds() -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emfile_pauses_accept_then_recovers() {
     let backends = echo_backends(1).await;
+    // Started before the limit drops, so `max_connections` is not lowered to fit it and the
+    // accept loop, not the connection cap, meets the full fd table.
+    let proxy = start_proxy(specs(&backends), |_| {}).await;
+    let fmt = HeaderFormat::default();
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
     setrlimit(Resource::RLIMIT_NOFILE, LOW_LIMIT, hard).expect("lower the soft fd limit");
-    let proxy = start_proxy(specs(&backends), |c| {
-        // Long enough that clients stuck in the header phase hold their fds.
-        c.header_timeout = Duration::from_secs(60);
-    })
-    .await;
-    let fmt = HeaderFormat::default();
 
-    // Fill the process's fd table: each client costs one fd here and one in the proxy
-    // (in the header phase, before any backend socket).
-    let mut clients = Vec::new();
-    for _ in 0..LOW_LIMIT {
-        match TcpStream::connect(proxy.local_addr()).await {
-            Ok(mut s) => {
-                let _ = s.write_all(b"\x00").await; // half a header: stays in phase 1
-                clients.push(s);
-            }
-            Err(_) => break, // our own side ran out: the table is full
-        }
+    // Fill the process's fd table with placeholders, then trade one for a client socket:
+    // the client connects (the kernel completes the handshake into the backlog) and the
+    // proxy's accept() has no fd left for it.
+    let mut filler = Vec::new();
+    while let Ok(f) = std::fs::File::open("/dev/null") {
+        filler.push(f);
+        assert!(filler.len() < 100_000, "the fd limit did not take effect");
     }
-    // Give the accept loop time to hit EMFILE on the connections queued in the backlog.
+    filler.pop();
+    let mut client = TcpStream::connect(proxy.local_addr())
+        .await
+        .expect("connect with the one free fd");
+    let _ = client.write_all(b"\x00").await;
+
+    // Give the accept loop time to hit EMFILE, then measure what it burns meanwhile.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = cpu_seconds();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let burned = cpu_seconds() - before;
 
     // Free the fds; the proxy must recover by itself.
-    drop(clients);
+    drop(filler);
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("restore the fd limit");
     let text = scrape(&proxy).await;
     let exhausted = metric(
@@ -78,4 +78,5 @@ async fn emfile_pauses_accept_then_recovers() {
     .expect("hang guard")
     .expect("the proxy serves again once fds are free");
     assert_eq!(reply.backend, "b1");
+    drop(client);
 }
