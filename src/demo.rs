@@ -101,7 +101,10 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
     let first = drive(addr, fmt, opts, "all backends up").await?;
     let mut per_backend: BTreeMap<&str, u32> = BTreeMap::new();
     for (i, owner) in first.owners.iter().enumerate() {
-        let predicted = router.name(router.pick(&key(i as u32)).unwrap_or(usize::MAX));
+        let predicted = router
+            .pick(&key(i as u32))
+            .map(|n| router.name(n))
+            .ok_or_else(|| DemoError::Check("no backend takes keys".into()))?;
         if owner != predicted {
             return Err(DemoError::Check(format!(
                 "key {} reached {owner}, Router says {predicted}",

@@ -81,6 +81,19 @@ impl ConnError {
         }
     }
 
+    /// Every label [`ConnError::reason`] gives outside the header errors (which have their own
+    /// metric), so the counters can be registered once, before any connection.
+    pub const REASONS: [&'static str; 8] = [
+        "header_io",
+        "no_backend",
+        "connect_failed",
+        "backend_write",
+        "client_error",
+        "backend_error",
+        "idle_timeout",
+        "shutdown",
+    ];
+
     /// A bounded metric label for this error.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -151,4 +164,35 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_is_pre_registered() {
+        let io = || io::Error::from(io::ErrorKind::Other);
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        let all = [
+            ConnError::HeaderIo(io()),
+            ConnError::NoBackend,
+            ConnError::ConnectFailed { tries: 1 },
+            ConnError::Preamble { addr, source: io() },
+            ConnError::Forward {
+                side: Side::Client,
+                source: io(),
+            },
+            ConnError::Forward {
+                side: Side::Backend,
+                source: io(),
+            },
+            ConnError::Idle,
+            ConnError::Shutdown,
+        ];
+        for e in &all {
+            assert!(ConnError::REASONS.contains(&e.reason()), "{}", e.reason());
+        }
+        assert_eq!(all.len(), ConnError::REASONS.len());
+    }
 }

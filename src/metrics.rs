@@ -13,6 +13,7 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
+use crate::error::ConnError;
 use crate::header::HeaderError;
 
 /// Client connections accepted.
@@ -71,6 +72,7 @@ struct Inner {
     accepted: Counter,
     active: Gauge,
     header_errors: [Counter; HeaderError::ALL.len()],
+    connection_errors: [Counter; ConnError::REASONS.len()],
     rejected_max_connections: Counter,
     accept_fd_exhausted: Counter,
     accept_other: Counter,
@@ -99,8 +101,11 @@ impl Metrics {
         let gauge = |name: &'static str| recorder.register_gauge(&key(name, &[]), &METADATA);
         let header_errors =
             HeaderError::ALL.map(|e| counter(HEADER_ERRORS, &[("reason", e.reason())]));
+        let connection_errors =
+            ConnError::REASONS.map(|r| counter(CONNECTION_ERRORS, &[("reason", r)]));
         Metrics {
             inner: Arc::new(Inner {
+                connection_errors,
                 accepted: counter(CONNECTIONS_ACCEPTED, &[]),
                 active: gauge(CONNECTIONS_ACTIVE),
                 header_errors,
@@ -175,10 +180,12 @@ impl Metrics {
         self.inner.splice_fallbacks.increment(1);
     }
 
-    /// Counts a connection that ended in an error (registered on first use per reason).
+    /// Counts a connection that ended in an error: one of [`ConnError::REASONS`], all
+    /// registered at start (no registry lookup on the connection path).
     pub fn connection_error(&self, reason: &'static str) {
-        self.counter(CONNECTION_ERRORS, &[("reason", reason)])
-            .increment(1);
+        if let Some(i) = ConnError::REASONS.iter().position(|r| *r == reason) {
+            self.inner.connection_errors[i].increment(1);
+        }
     }
 
     /// Publishes the routing table's generation and fingerprint.
@@ -214,12 +221,6 @@ impl Metrics {
                 &METADATA,
             ),
         }
-    }
-
-    fn counter(&self, name: &'static str, labels: &[(&'static str, &'static str)]) -> Counter {
-        self.inner
-            .recorder
-            .register_counter(&key(name, labels), &METADATA)
     }
 }
 

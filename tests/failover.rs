@@ -100,23 +100,11 @@ async fn attempt(addr: SocketAddr, key: &[u8]) -> Outcome {
 /// [`attempt`] for every key, a few at a time; outcomes in key order.
 async fn attempt_all(addr: SocketAddr, keys: &[Vec<u8>]) -> Vec<Outcome> {
     let keys = Arc::new(keys.to_vec());
-    let mut out = vec![Outcome::Closed; keys.len()];
-    let mut set = JoinSet::new();
-    let mut next = 0;
-    loop {
-        while next < keys.len() && set.len() < CONCURRENCY {
-            let i = next;
-            next += 1;
-            let keys = keys.clone();
-            set.spawn(async move { (i, attempt(addr, &keys[i]).await) });
-        }
-        let Some(done) = set.join_next().await else {
-            break;
-        };
-        let (i, o) = done.expect("attempt panicked");
-        out[i] = o;
-    }
-    out
+    run_bounded(keys.len(), CONCURRENCY, |i| {
+        let keys = keys.clone();
+        async move { attempt(addr, &keys[i]).await }
+    })
+    .await
 }
 
 /// Polls the proxy's metrics until `sample` equals `want` (the connection-error counter is

@@ -22,7 +22,6 @@ use shardproxy::echo::EchoBackend;
 use shardproxy::{HeaderFormat, Router};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::task::JoinSet;
 use tokio::time::timeout;
 
 /// Generous guard against a hang; never a performance assertion.
@@ -34,31 +33,19 @@ const CONCURRENCY: usize = 16;
 /// name of the backend that answered.
 async fn route_all(addr: SocketAddr, keys: &[Vec<u8>]) -> Vec<String> {
     let fmt = Arc::new(HeaderFormat::default());
-    let mut owners = vec![String::new(); keys.len()];
-    let mut set = JoinSet::new();
-    let mut next = 0;
-    loop {
-        while next < keys.len() && set.len() < CONCURRENCY {
-            let i = next;
-            next += 1;
-            let k = keys[i].clone();
-            let fmt = fmt.clone();
-            set.spawn(async move {
-                let payload = format!("payload for key #{i}").into_bytes();
-                let reply = timeout(HANG_GUARD, round_trip(addr, &fmt, &k, &payload))
-                    .await
-                    .unwrap_or_else(|_| panic!("key #{i}: round trip hung"))
-                    .unwrap_or_else(|e| panic!("key #{i}: round trip failed: {e}"));
-                (i, reply.backend)
-            });
+    run_bounded(keys.len(), CONCURRENCY, |i| {
+        let k = keys[i].clone();
+        let fmt = fmt.clone();
+        async move {
+            let payload = format!("payload for key #{i}").into_bytes();
+            timeout(HANG_GUARD, round_trip(addr, &fmt, &k, &payload))
+                .await
+                .unwrap_or_else(|_| panic!("key #{i}: round trip hung"))
+                .unwrap_or_else(|e| panic!("key #{i}: round trip failed: {e}"))
+                .backend
         }
-        let Some(done) = set.join_next().await else {
-            break;
-        };
-        let (i, backend) = done.expect("round trip task panicked");
-        owners[i] = backend;
-    }
-    owners
+    })
+    .await
 }
 
 /// The owner `router` predicts for each key.

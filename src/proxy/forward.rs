@@ -101,14 +101,10 @@ pub async fn forward(
     };
     let finished = AtomicBool::new(false);
     let shared = Shared {
-        clock: None,
+        clock: clock.as_ref(),
         splice: opts.splice,
         metrics,
         finished: &finished,
-    };
-    let shared = Shared {
-        clock: clock.as_ref(),
-        ..shared
     };
     // The pumps are built inside `select!`: a future built outside and moved in would take
     // two slots of this future, and its size is most of what an idle connection costs.

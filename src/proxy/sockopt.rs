@@ -39,11 +39,7 @@ pub fn set_reset_on_close(stream: &TcpStream) {
 pub fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
     match SockRef::from(stream).shutdown(Shutdown::Write) {
         // The peer may already be gone; there is nothing left to tell it.
-        Err(e) if e.raw_os_error() == Some(libc_enotconn()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOTCONN as i32) => Ok(()),
         other => other,
     }
-}
-
-const fn libc_enotconn() -> i32 {
-    nix::errno::Errno::ENOTCONN as i32
 }

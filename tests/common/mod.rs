@@ -218,3 +218,32 @@ pub fn key(i: usize) -> Vec<u8> {
 pub fn keys(n: usize) -> Vec<Vec<u8>> {
     (0..n).map(key).collect()
 }
+
+/// Runs `task(i)` for `i` in `0..n`, at most `concurrency` at a time, and returns the
+/// results in index order. A panicking task fails the caller.
+pub async fn run_bounded<T, F, Fut>(n: usize, concurrency: usize, task: F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+{
+    let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+    let mut set = tokio::task::JoinSet::new();
+    let mut next = 0;
+    loop {
+        while next < n && set.len() < concurrency {
+            let fut = task(next);
+            let i = next;
+            set.spawn(async move { (i, fut.await) });
+            next += 1;
+        }
+        let Some(done) = set.join_next().await else {
+            break;
+        };
+        let (i, v) = done.expect("task panicked");
+        out[i] = Some(v);
+    }
+    out.into_iter()
+        .map(|v| v.expect("every task ran"))
+        .collect()
+}
