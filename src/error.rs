@@ -42,15 +42,6 @@ pub enum ConnError {
         /// How many backends were tried.
         tries: u32,
     },
-    /// Writing the header and early bytes to the backend failed.
-    #[error("writing to backend {addr}: {source}")]
-    Preamble {
-        /// The backend's address.
-        addr: SocketAddr,
-        /// The socket error.
-        #[source]
-        source: io::Error,
-    },
     /// Forwarding failed: a reset or a socket error on one side.
     #[error("{side:?} side failed while forwarding: {source}")]
     Forward {
@@ -73,9 +64,7 @@ impl ConnError {
     pub fn side(&self) -> Side {
         match self {
             ConnError::Header(_) | ConnError::HeaderIo(_) | ConnError::Idle => Side::Client,
-            ConnError::NoBackend | ConnError::ConnectFailed { .. } | ConnError::Preamble { .. } => {
-                Side::Backend
-            }
+            ConnError::NoBackend | ConnError::ConnectFailed { .. } => Side::Backend,
             ConnError::Forward { side, .. } => *side,
             ConnError::Shutdown => Side::Proxy,
         }
@@ -83,11 +72,10 @@ impl ConnError {
 
     /// Every label [`ConnError::reason`] gives outside the header errors (which have their own
     /// metric), so the counters can be registered once, before any connection.
-    pub const REASONS: [&'static str; 8] = [
+    pub const REASONS: [&'static str; 7] = [
         "header_io",
         "no_backend",
         "connect_failed",
-        "backend_write",
         "client_error",
         "backend_error",
         "idle_timeout",
@@ -101,7 +89,6 @@ impl ConnError {
             ConnError::HeaderIo(_) => "header_io",
             ConnError::NoBackend => "no_backend",
             ConnError::ConnectFailed { .. } => "connect_failed",
-            ConnError::Preamble { .. } => "backend_write",
             ConnError::Forward {
                 side: Side::Client, ..
             } => "client_error",
@@ -173,12 +160,10 @@ mod tests {
     #[test]
     fn every_reason_is_pre_registered() {
         let io = || io::Error::from(io::ErrorKind::Other);
-        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
         let all = [
             ConnError::HeaderIo(io()),
             ConnError::NoBackend,
             ConnError::ConnectFailed { tries: 1 },
-            ConnError::Preamble { addr, source: io() },
             ConnError::Forward {
                 side: Side::Client,
                 source: io(),

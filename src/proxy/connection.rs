@@ -6,18 +6,21 @@
 //! (go-proxyproto#65: a deadline never cleared later kills healthy connections).
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
+use nix::errno::Errno;
 use nix::sys::socket::{recv, MsgFlags};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::forward::{forward, ForwardOptions, Transfer};
-use super::sockopt::{set_nodelay, set_reset_on_close};
+use super::forward::{forward, recv_draining, ForwardOptions, Transfer};
+use super::sockopt::set_reset_on_close;
 use super::Shared;
 use crate::backend::RoutingTable;
 use crate::config::MAX_TRIES;
@@ -85,36 +88,21 @@ async fn phases(shared: &Shared, client: &TcpStream, kill: &CancellationToken) -
         _ => return Err((HeaderError::Eof.into(), None)),
     };
 
-    // Phase 2 and 3: route on one table snapshot, connect in rank order.
-    let table = shared.table.load_full();
-    let (index, backend) = connect(shared, &table, KeyDigest::of(key)).await?;
-    let be = &table.backends[index];
-    let name = be.name.clone();
-    let fail = |e: ConnError| (e, Some(name.clone()));
-    let _backend_active = ActiveGuard::new(be.metrics.active.clone());
-    // The client socket inherited TCP_NODELAY from the listener.
-    set_nodelay(&backend);
-
-    // Phase 4: the preamble — the header unless stripped, and whatever came after it.
+    // Phase 2 and 3: route on one table snapshot; connect in rank order and deliver the
+    // preamble (the header unless stripped, and whatever came after it) as part of the
+    // connect, so a backend that fails before taking a byte is failed over.
     let start = match fmt.mode {
         HeaderMode::Forward => 0,
         HeaderMode::Strip => head.consumed,
     };
-    let mut backend = backend;
-    if start < head.filled {
-        backend
-            .write_all(&buf[start..head.filled])
-            .await
-            .map_err(|source| {
-                fail(ConnError::Preamble {
-                    addr: be.addr,
-                    source,
-                })
-            })?;
-        be.metrics
-            .bytes_to_backend
-            .increment((head.filled - start) as u64);
-    }
+    let preamble = &buf[start..head.filled];
+    let table = shared.table.load_full();
+    let (index, backend) = connect(shared, &table, KeyDigest::of(key), preamble).await?;
+    let be = &table.backends[index];
+    let name = be.name.clone();
+    let fail = |e: ConnError| (e, Some(name.clone()));
+    let _backend_active = ActiveGuard::new(be.metrics.active.clone());
+    be.metrics.bytes_to_backend.increment(preamble.len() as u64);
     drop(buf); // nothing of the header phase lives on into a long connection
 
     // Phase 5: splice both ways.
@@ -165,12 +153,15 @@ pub(crate) async fn read_header(
 ) -> Result<HeaderRead, ConnError> {
     // Clients send the header with their first packet, so it is usually queued by the time
     // the connection is accepted: read it at once instead of waiting for the poller to
-    // report what the kernel already has (saves a trip through the event loop).
-    let mut filled = match recv(client.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
+    // report what the kernel already has (saves a trip through the event loop). If the
+    // poller did report it already, a short read clears that readiness (as in the
+    // forwarding pumps), so the client's pump does not start with an EAGAIN read.
+    let first = recv_draining(client, buf, true);
+    let mut filled = match first {
         Ok(0) => return Err(HeaderError::Eof.into()),
         Ok(n) => n,
-        Err(nix::errno::Errno::EAGAIN) => 0,
-        Err(e) => return Err(ConnError::HeaderIo(e.into())),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(ConnError::HeaderIo(e)),
     };
     loop {
         match fmt.parse(&buf[..filled]) {
@@ -241,11 +232,14 @@ pub(crate) async fn peek_header(
     }
 }
 
-/// Connects to the first reachable backend in the key's rank order, never trying one twice.
+/// Connects to the first reachable backend in the key's rank order, never trying one twice,
+/// and delivers `preamble` to it. A backend that fails before it took the preamble is
+/// failed over: no byte of this client reached it.
 async fn connect(
     shared: &Shared,
     table: &RoutingTable,
     digest: KeyDigest,
+    preamble: &[u8],
 ) -> Result<(usize, TcpStream), (ConnError, Option<Arc<str>>)> {
     let tries = (shared.config.effective_tries() as usize).min(MAX_TRIES as usize);
     let mut tried = [usize::MAX; MAX_TRIES as usize];
@@ -262,7 +256,7 @@ async fn connect(
         n += 1;
         let be = &table.backends[index];
         let started = Instant::now();
-        match timeout(shared.config.connect_timeout, TcpStream::connect(be.addr)).await {
+        match timeout(shared.config.connect_timeout, open(be.addr, preamble)).await {
             Ok(Ok(stream)) => {
                 be.metrics
                     .connect_seconds
@@ -287,6 +281,52 @@ async fn connect(
             Some(table.backends[tried[tries - 1]].name.clone()),
         )),
     }
+}
+
+/// Opens a connection to `addr` (with `TCP_NODELAY`) and writes `preamble` to it.
+///
+/// The preamble is sent as soon as `connect(2)` returns, without waiting for the poller:
+/// on loopback or a fast network the handshake is usually complete by then, which saves a
+/// trip through the event loop and the `getsockopt(SO_ERROR)` of tokio's connect. A handshake
+/// still in flight makes that send return `EAGAIN` (then we wait for writability); a failed
+/// one makes it return the connect error itself (`sk_stream_wait_connect` reports `sk_err`).
+async fn open(addr: SocketAddr, preamble: &[u8]) -> io::Result<TcpStream> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    // Failure only costs latency; never fail a connection for it.
+    let _ = socket.set_tcp_nodelay(true);
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(Errno::EINPROGRESS as i32) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(socket.into())?;
+    let mut sent = 0;
+    if !preamble.is_empty() {
+        match SockRef::from(&stream).send(preamble) {
+            Ok(n) => sent = n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if sent < preamble.len() {
+        // Still connecting, or the send buffer is full: the rest waits for the poller, and
+        // a failed connect surfaces as the write's error.
+        let mut stream = stream;
+        stream.write_all(&preamble[sent..]).await?;
+        return Ok(stream);
+    }
+    if preamble.is_empty() {
+        // Nothing to send reveals the outcome: wait for the handshake and ask for it.
+        stream.writable().await?;
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+    }
+    Ok(stream)
 }
 
 #[cfg(test)]

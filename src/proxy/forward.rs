@@ -1,28 +1,43 @@
-//! Forwarding: bytes both ways with `splice(2)` until both halves are closed.
+//! Forwarding: bytes both ways until both halves are closed — `splice(2)` for bulk, a copy
+//! for small messages.
 //!
-//! Each direction is a pump: wait until the source is readable, take a pipe, splice socket →
-//! pipe, then drain the pipe completely into the destination before reading again. Driven by
-//! tokio readiness: the syscall runs inside `try_io`, so `EAGAIN` clears the readiness it
-//! belongs to (the approach of zhboner/realm). Because the pipe is always drained first:
+//! Each direction is a pump: wait until the source is readable, read a chunk, then deliver
+//! it completely to the destination before reading again. How a chunk moves adapts to the
+//! traffic:
+//! - **small** (the last read was under [`COPY_CHUNK`]): `recv` into a per-thread scratch
+//!   buffer and `send`. A short `recv` proves the socket drained (`tcp_recvmsg` copies until
+//!   the queue is empty), so readiness is cleared without the `EAGAIN` read a drain
+//!   otherwise costs (tokio does the same in `poll_read`, tokio#5866): two syscalls per
+//!   request instead of three splices;
+//! - **bulk** (a read filled the scratch buffer): splice socket → pipe → socket, zero-copy,
+//!   until a read comes back small again. A short splice proves nothing (the pipe may have
+//!   run out of slots), so a splice burst ends on `EAGAIN`.
+//!
+//! Driven by tokio readiness: syscalls run inside `try_io`, so `EAGAIN` clears the readiness
+//! it belongs to (the approach of zhboner/realm). Because a chunk is always delivered first:
 //! - a FIN from the source becomes `shutdown(SHUT_WR)` on the destination only once every
 //!   byte before it was delivered (haproxy#2505), while the other direction keeps flowing;
 //! - an `EAGAIN` on the read side can only mean "socket empty", never "pipe full".
 //!
-//! An idle direction gives its empty pipe back to the pool. When no pipe can be had (fd
-//! exhaustion) the pump copies through a small buffer instead. A reset or socket error on
-//! either side ends both directions — a pump blocked on a stalled destination still watches
-//! its source for errors — and the caller then resets the other side. No lock and no
-//! allocation per byte: per chunk, one atomic add for the byte counter. Reading and
-//! delivering never await; only a stalled destination costs a (boxed) future, so the
-//! future every connection holds — most of an idle connection's memory — stays small.
+//! A pipe is held only during a splice burst and goes back to a per-thread pool after it;
+//! when none can be had (fd exhaustion) the pump copies. A reset or socket error on either
+//! side ends both directions — a pump blocked on a stalled destination still watches its
+//! source for errors — and the caller then resets the other side. No lock and no allocation
+//! per byte: per chunk, one atomic add for the byte counter. Reading and delivering never
+//! await; only a stalled destination costs a (boxed) future and, for a copied chunk, a boxed
+//! copy of its undelivered rest, so the future every connection holds — most of an idle
+//! connection's memory — stays small.
 
+use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::Counter;
 use nix::fcntl::{splice, SpliceFFlags};
+use nix::sys::socket::{recv, MsgFlags};
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -39,8 +54,14 @@ use crate::metrics::Metrics;
 const SPLICE_FLAGS: SpliceFFlags =
     SpliceFFlags::SPLICE_F_NONBLOCK.union(SpliceFFlags::SPLICE_F_MOVE);
 
-/// Buffer size of the copy fallback.
-const FALLBACK_BUF: usize = 16 * 1024;
+/// Size of the per-thread copy buffer: a read that fills it switches its pump to splicing.
+pub const COPY_CHUNK: usize = 16 * 1024;
+
+thread_local! {
+    /// The copy buffer of this worker thread's pumps. A pump uses it only between awaits,
+    /// so all the connections of a thread share one.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; COPY_CHUNK].into_boxed_slice());
+}
 
 /// Bytes moved by a finished connection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -146,71 +167,65 @@ async fn pump(
 ) -> Result<u64, ConnError> {
     let Shared {
         clock,
-        splice: use_splice,
+        splice: mut use_splice,
         metrics,
         finished,
     } = shared;
     let mut total = 0u64;
+    // The pipe of the current splice burst; none while copying or idle.
     let mut held: Option<Pipe> = None;
-    let mut fallback: Option<Box<[u8]>> = None;
+    // Whether the last read was large, so the next one splices.
+    let mut bulk = false;
     loop {
-        if held.is_none() {
-            // Idle: hold no pipe until there is something to move.
-            // `poll_read_ready` parks in the socket's own reader slot (this pump is the only
-            // reader of `src`), so the wait adds nothing to this future, unlike `readable()`.
-            poll_fn(|cx| src.stream.poll_read_ready(cx))
-                .await
-                .map_err(|e| src.fail(e))?;
-        }
-        if held.is_none() && fallback.is_none() {
-            match use_splice.then(pipe::acquire) {
-                Some(Ok(p)) => held = Some(p),
-                Some(Err(_)) => {
+        // `poll_read_ready` parks in the socket's own reader slot (this pump is the only
+        // reader of `src`), so the wait adds nothing to this future, unlike `readable()`.
+        // It also spends tokio's coop budget: a bulk stream that never sees EAGAIN still
+        // lets other connections run.
+        poll_fn(|cx| src.stream.poll_read_ready(cx))
+            .await
+            .map_err(|e| src.fail(e))?;
+        let chunk = if bulk && use_splice {
+            let pipe = match held.take().map_or_else(pipe::acquire, Ok) {
+                Ok(p) => held.insert(p),
+                Err(_) => {
                     metrics.splice_fallback();
-                    fallback = Some(vec![0u8; FALLBACK_BUF].into_boxed_slice());
+                    use_splice = false;
+                    continue;
                 }
-                None => fallback = Some(vec![0u8; FALLBACK_BUF].into_boxed_slice()),
-            }
-        }
-        // Read and deliver without awaiting; only a stalled destination needs a future,
-        // boxed so that this one (held by every connection, idle or not) stays small.
-        let moved = match (&held, fallback.as_deref_mut()) {
-            (Some(pipe), _) => {
-                let (chunk, sent) = splice_step(src, dst, pipe)?;
-                if let Chunk::Moved(n) = chunk {
-                    if sent < n {
-                        Box::pin(deliver(src, dst, sent, n, pipe_writer(pipe, dst))).await?;
-                    }
+            };
+            let (chunk, sent) = splice_step(src, dst, pipe)?;
+            if let Chunk::Moved(n) = chunk {
+                if sent < n {
+                    Box::pin(deliver(src, dst, sent, n, pipe_writer(pipe, dst))).await?;
                 }
-                chunk
+                bulk = n >= COPY_CHUNK;
             }
-            (None, Some(buf)) => {
-                let (chunk, sent) = copy_step(src, dst, buf)?;
-                if let Chunk::Moved(n) = chunk {
-                    if sent < n {
-                        Box::pin(deliver(src, dst, sent, n, buf_writer(&buf[..n], dst))).await?;
-                    }
+            if !bulk || !matches!(chunk, Chunk::Moved(_)) {
+                // The burst is over and the pipe empty: give it back while we wait.
+                if let Some(p) = held.take() {
+                    pipe::release(p);
                 }
-                chunk
             }
-            (None, None) => continue,
+            chunk
+        } else {
+            let (chunk, rest) = SCRATCH.with_borrow_mut(|buf| copy_step(src, dst, buf))?;
+            if let Some(rest) = rest {
+                Box::pin(deliver(src, dst, 0, rest.len(), buf_writer(&rest, dst))).await?;
+            }
+            if let Chunk::Moved(n) = chunk {
+                bulk = n >= COPY_CHUNK;
+            }
+            chunk
         };
-        match moved {
+        match chunk {
             Chunk::Moved(n) => {
                 total += n as u64;
                 counter.increment(n as u64);
                 if let Some(clock) = clock {
                     clock.touch();
                 }
-                // A bulk stream may never see EAGAIN: let other connections run.
-                tokio::task::consume_budget().await;
             }
-            Chunk::Empty => {
-                // The source is drained and so is the pipe: give it back while we wait.
-                if let Some(p) = held.take() {
-                    pipe::release(p);
-                }
-            }
+            Chunk::Empty => {}
             Chunk::Eof => break,
         }
     }
@@ -224,6 +239,9 @@ async fn pump(
     }
     Ok(total)
 }
+
+/// Bytes of a copied chunk that the destination did not take yet.
+type Undelivered = Box<[u8]>;
 
 /// What one read-and-deliver step did.
 enum Chunk {
@@ -258,14 +276,49 @@ fn splice_step(src: &End<'_>, dst: &End<'_>, pipe: &Pipe) -> Result<(Chunk, usiz
     }
 }
 
-/// The fallback: reads into `buf` and sends as much as `dst` takes now.
-fn copy_step(src: &End<'_>, dst: &End<'_>, buf: &mut [u8]) -> Result<(Chunk, usize), ConnError> {
-    match classify_read(src, src.stream.try_read(buf))? {
-        Chunk::Moved(n) => Ok((
-            Chunk::Moved(n),
-            try_deliver(dst, 0, n, buf_writer(&buf[..n], dst))?,
-        )),
-        other => Ok((other, 0)),
+/// Copies what `src` has (up to `buf.len()`) and sends as much of it as `dst` takes now.
+/// Returns the chunk and, if `dst` stalled, a copy of the bytes it did not take yet (the
+/// scratch buffer is shared by the thread's pumps, so it cannot hold them over an await).
+fn copy_step(
+    src: &End<'_>,
+    dst: &End<'_>,
+    buf: &mut [u8],
+) -> Result<(Chunk, Option<Undelivered>), ConnError> {
+    match classify_read(src, recv_draining(src.stream, buf, false))? {
+        Chunk::Moved(n) => {
+            let sent = try_deliver(dst, 0, n, buf_writer(&buf[..n], dst))?;
+            let rest = (sent < n).then(|| Box::from(&buf[sent..n]));
+            Ok((Chunk::Moved(n), rest))
+        }
+        other => Ok((other, None)),
+    }
+}
+
+/// Reads what `stream` has into `buf`, through tokio's readiness (`try_io`): `EAGAIN`
+/// clears the read readiness, and so does a short read, which proves the socket drained
+/// (`tcp_recvmsg` copies until the queue is empty; tokio's own `poll_read` relies on the
+/// same, tokio#5866) — saving the `EAGAIN` read a drain otherwise costs.
+///
+/// With no readiness recorded this is `WouldBlock` without a syscall, unless `eager`: then
+/// the socket is read anyway (a fresh socket whose bytes the poller has not reported yet).
+pub(super) fn recv_draining(stream: &TcpStream, buf: &mut [u8], eager: bool) -> io::Result<usize> {
+    let fd = stream.as_raw_fd();
+    let mut tried = false;
+    let mut drained = None;
+    let read = stream.try_io(Interest::READABLE, || {
+        tried = true;
+        let n = recv(fd, buf, MsgFlags::MSG_DONTWAIT)?;
+        if n > 0 && n < buf.len() {
+            // Report WouldBlock so tokio clears the readiness; the count goes via `drained`.
+            drained = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (drained, tried) {
+        (Some(n), _) => Ok(n),
+        (None, false) if eager => Ok(recv(fd, buf, MsgFlags::MSG_DONTWAIT)?),
+        (None, _) => read,
     }
 }
 
@@ -315,8 +368,20 @@ fn try_deliver(
     mut write: impl FnMut(usize, usize) -> io::Result<usize>,
 ) -> Result<usize, ConnError> {
     while sent < n {
-        match dst.stream.try_io(Interest::WRITABLE, || write(sent, n)) {
+        let mut filled = None;
+        let wrote = dst.stream.try_io(Interest::WRITABLE, || {
+            let k = write(sent, n)?;
+            if k > 0 && sent + k < n {
+                // Short: the send buffer is full. Clear the readiness now instead of
+                // paying for the EAGAIN write that would prove it (as tokio's poll_write).
+                filled = Some(k);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(k)
+        });
+        match filled.map_or(wrote, Ok) {
             Ok(0) => return Err(dst.fail(io::ErrorKind::WriteZero.into())),
+            Ok(k) if filled.is_some() => return Ok(sent + k),
             Ok(k) => sent += k,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(source) => return Err(dst.fail(source)),

@@ -1,4 +1,4 @@
-//! Socket and process options the proxy sets: fd limit, Nagle, linger, half-close.
+//! Socket and process options the proxy sets: fd limit, linger, half-close.
 //!
 //! Thin, safe wrappers over `socket2` and `nix`; no socket is created here.
 
@@ -22,12 +22,6 @@ pub fn raise_fd_limit() -> io::Result<u64> {
 /// The soft fd limit in force.
 pub fn fd_limit() -> io::Result<u64> {
     Ok(getrlimit(Resource::RLIMIT_NOFILE)?.0)
-}
-
-/// Disables Nagle's algorithm: the proxy forwards what it has at once.
-pub fn set_nodelay(stream: &TcpStream) {
-    // Failure only costs latency; never fail a connection for it.
-    let _ = stream.set_nodelay(true);
 }
 
 /// Makes the next close send RST instead of FIN (reset propagation).
