@@ -19,7 +19,7 @@ use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::forward::{forward, recv_draining, ForwardOptions, Transfer};
+use super::forward::{recv_draining, Forward, ForwardOptions, Transfer};
 use super::sockopt::set_reset_on_close;
 use super::Shared;
 use crate::backend::RoutingTable;
@@ -78,7 +78,15 @@ async fn phases(shared: &Shared, client: &TcpStream, kill: &CancellationToken) -
 
     // Phase 1: the key header, under the header deadline only.
     let mut buf = vec![0u8; fmt.max_header_len()];
-    let head = match timeout(cfg.header_timeout, read_header(client, &fmt, &mut buf)).await {
+    // The header and connect phases are boxed: their futures (timers, connect state) are
+    // larger than forwarding's, and an unboxed phase would size every connection's future
+    // — held for the connection's whole life — to the largest one.
+    let head = match Box::pin(timeout(
+        cfg.header_timeout,
+        read_header(client, &fmt, &mut buf),
+    ))
+    .await
+    {
         Ok(r) => r.map_err(|e| (e, None))?,
         Err(_) => return Err((HeaderError::Timeout.into(), None)),
     };
@@ -97,7 +105,7 @@ async fn phases(shared: &Shared, client: &TcpStream, kill: &CancellationToken) -
     };
     let preamble = &buf[start..head.filled];
     let table = shared.table.load_full();
-    let (index, backend) = connect(shared, &table, KeyDigest::of(key), preamble).await?;
+    let (index, backend) = Box::pin(connect(shared, &table, KeyDigest::of(key), preamble)).await?;
     let be = &table.backends[index];
     let name = be.name.clone();
     let fail = |e: ConnError| (e, Some(name.clone()));
@@ -106,7 +114,7 @@ async fn phases(shared: &Shared, client: &TcpStream, kill: &CancellationToken) -
     drop(buf); // nothing of the header phase lives on into a long connection
 
     // Phase 5: splice both ways.
-    let result = forward(
+    let mut forward = Forward::new(
         client,
         &backend,
         &be.metrics.bytes_to_backend,
@@ -114,11 +122,10 @@ async fn phases(shared: &Shared, client: &TcpStream, kill: &CancellationToken) -
         ForwardOptions {
             idle_timeout: cfg.idle_timeout,
             splice: cfg.splice,
-            kill,
         },
         &shared.metrics,
-    )
-    .await;
+    );
+    let result = forward.run(kill).await;
     match result {
         Ok(mut t) => {
             t.to_backend += (head.filled - start) as u64;
@@ -415,7 +422,7 @@ mod size_tests {
             let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
             let f = serve(shared, c, CancellationToken::new());
             let size = std::mem::size_of_val(&f);
-            assert!(size <= 1200, "a connection's future grew to {size} bytes");
+            assert!(size <= 704, "a connection's future grew to {size} bytes");
         });
     }
 }

@@ -23,16 +23,19 @@
 //! when none can be had (fd exhaustion) the pump copies. A reset or socket error on either
 //! side ends both directions — a pump blocked on a stalled destination still watches its
 //! source for errors — and the caller then resets the other side. No lock and no allocation
-//! per byte: per chunk, one atomic add for the byte counter. Reading and delivering never
-//! await; only a stalled destination costs a (boxed) future and, for a copied chunk, a boxed
-//! copy of its undelivered rest, so the future every connection holds — most of an idle
-//! connection's memory — stays small.
+//! per byte: per chunk, one atomic add for the byte counter.
+//!
+//! Both pumps live in one hand-written poll function ([`Forward`]) rather than two `async`
+//! state machines: an idle connection's memory is mostly its task's future, and this keeps
+//! the pair to a few dozen bytes. Reading and delivering never wait; only a stalled
+//! destination costs a boxed future, which takes the chunk (pipe or copied rest) with it.
 
 use std::cell::RefCell;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::pin::{pin, Pin};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use metrics::Counter;
@@ -41,7 +44,7 @@ use nix::sys::socket::{recv, MsgFlags};
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use super::pipe::{self, Pipe};
@@ -58,7 +61,7 @@ const SPLICE_FLAGS: SpliceFFlags =
 pub const COPY_CHUNK: usize = 16 * 1024;
 
 thread_local! {
-    /// The copy buffer of this worker thread's pumps. A pump uses it only between awaits,
+    /// The copy buffer of this worker thread's pumps. A pump uses it only inside one poll,
     /// so all the connections of a thread share one.
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; COPY_CHUNK].into_boxed_slice());
 }
@@ -66,29 +69,19 @@ thread_local! {
 /// Bytes moved by a finished connection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Transfer {
-    /// Client → backend (spliced; the preamble is counted by the caller).
+    /// Client → backend (forwarded here; the preamble is counted by the caller).
     pub to_backend: u64,
     /// Backend → client.
     pub to_client: u64,
 }
 
 /// One endpoint of a pump, with what to call its failures.
-pub struct End<'a> {
+#[derive(Clone, Copy)]
+struct End<'a> {
     /// The socket.
-    pub stream: &'a TcpStream,
+    stream: &'a TcpStream,
     /// Which side it is.
-    pub side: Side,
-}
-
-/// How a connection forwards.
-#[derive(Debug, Clone, Copy)]
-pub struct ForwardOptions<'a> {
-    /// Close when neither direction moved a byte for this long.
-    pub idle_timeout: Option<Duration>,
-    /// Use `splice(2)`; `false` always takes the buffered copy.
-    pub splice: bool,
-    /// Cancelled when the drain deadline passes: stop forwarding at once.
-    pub kill: &'a CancellationToken,
+    side: Side,
 }
 
 impl End<'_> {
@@ -101,143 +94,235 @@ impl End<'_> {
     }
 }
 
-/// Forwards both directions until both have seen EOF, an error, or the idle timeout.
-pub async fn forward(
-    client: &TcpStream,
-    backend: &TcpStream,
-    to_backend: &Counter,
-    to_client: &Counter,
-    opts: ForwardOptions<'_>,
-    metrics: &Metrics,
-) -> Result<Transfer, ConnError> {
-    let idle_timeout = opts.idle_timeout;
-    let clock = idle_timeout.map(|_| Activity::new());
-    let c = End {
-        stream: client,
-        side: Side::Client,
-    };
-    let b = End {
-        stream: backend,
-        side: Side::Backend,
-    };
-    let finished = AtomicBool::new(false);
-    let shared = Shared {
-        clock: clock.as_ref(),
-        splice: opts.splice,
-        metrics,
-        finished: &finished,
-    };
-    // The pumps are built inside `select!`: a future built outside and moved in would take
-    // two slots of this future, and its size is most of what an idle connection costs.
-    let (to_backend, to_client) = tokio::select! {
-        r = async {
-            tokio::try_join!(
-                pump(&c, &b, to_backend, shared),
-                pump(&b, &c, to_client, shared),
-            )
-        } => r?,
-        () = idle_expired(idle_timeout, clock.as_ref()) => return Err(ConnError::Idle),
-        () = opts.kill.cancelled() => return Err(ConnError::Shutdown),
-    };
-    Ok(Transfer {
-        to_backend,
-        to_client,
-    })
+/// How a connection forwards.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardOptions {
+    /// Close when neither direction moved a byte for this long.
+    pub idle_timeout: Option<Duration>,
+    /// Use `splice(2)` for bulk; `false` always copies.
+    pub splice: bool,
 }
 
-/// Moves bytes `src` → `dst` until `src` sends FIN, then half-closes `dst`.
-/// What both pumps of a connection share.
-#[derive(Clone, Copy)]
-struct Shared<'a> {
-    /// Activity clock for the idle timeout, if one is set.
-    clock: Option<&'a Activity>,
-    /// Whether to splice (else copy).
+/// A delivery that stalled on a full destination: waits for it (watching the source for
+/// errors) and finishes the chunk. Yields the chunk's size and its pipe, now empty.
+type Stall<'a> =
+    Pin<Box<dyn Future<Output = Result<(usize, Option<Pipe>), ConnError>> + Send + 'a>>;
+
+/// One direction's state between polls.
+struct Pump<'a> {
+    /// Bytes delivered.
+    total: u64,
+    /// The pipe of the current splice burst; none while copying or idle.
+    held: Option<Pipe>,
+    /// The chunk being delivered to a stalled destination.
+    stall: Option<Stall<'a>>,
+    /// The last read was large: the next one splices.
+    bulk: bool,
+    /// Splicing is allowed (configured, and a pipe could be had).
     splice: bool,
-    /// For the fallback counter.
-    metrics: &'a Metrics,
-    /// Set by the first pump to see EOF.
-    finished: &'a AtomicBool,
+    /// The source sent FIN and it was passed on.
+    done: bool,
 }
 
-async fn pump(
-    src: &End<'_>,
-    dst: &End<'_>,
-    counter: &Counter,
-    shared: Shared<'_>,
-) -> Result<u64, ConnError> {
-    let Shared {
-        clock,
-        splice: mut use_splice,
-        metrics,
-        finished,
-    } = shared;
-    let mut total = 0u64;
-    // The pipe of the current splice burst; none while copying or idle.
-    let mut held: Option<Pipe> = None;
-    // Whether the last read was large, so the next one splices.
-    let mut bulk = false;
-    loop {
-        // `poll_read_ready` parks in the socket's own reader slot (this pump is the only
-        // reader of `src`), so the wait adds nothing to this future, unlike `readable()`.
-        // It also spends tokio's coop budget: a bulk stream that never sees EAGAIN still
-        // lets other connections run.
-        poll_fn(|cx| src.stream.poll_read_ready(cx))
-            .await
-            .map_err(|e| src.fail(e))?;
-        let chunk = if bulk && use_splice {
-            let pipe = match held.take().map_or_else(pipe::acquire, Ok) {
-                Ok(p) => held.insert(p),
-                Err(_) => {
-                    metrics.splice_fallback();
-                    use_splice = false;
-                    continue;
-                }
-            };
-            let (chunk, sent) = splice_step(src, dst, pipe)?;
-            if let Chunk::Moved(n) = chunk {
-                if sent < n {
-                    Box::pin(deliver(src, dst, sent, n, pipe_writer(pipe, dst))).await?;
-                }
-                bulk = n >= COPY_CHUNK;
-            }
-            if !bulk || !matches!(chunk, Chunk::Moved(_)) {
-                // The burst is over and the pipe empty: give it back while we wait.
-                if let Some(p) = held.take() {
-                    pipe::release(p);
-                }
-            }
-            chunk
-        } else {
-            let (chunk, rest) = SCRATCH.with_borrow_mut(|buf| copy_step(src, dst, buf))?;
-            if let Some(rest) = rest {
-                Box::pin(deliver(src, dst, 0, rest.len(), buf_writer(&rest, dst))).await?;
-            }
-            if let Chunk::Moved(n) = chunk {
-                bulk = n >= COPY_CHUNK;
-            }
-            chunk
+/// The idle timeout's clock.
+struct Idle {
+    limit: Duration,
+    /// Last time a chunk moved either way.
+    last: Instant,
+    timer: Pin<Box<Sleep>>,
+}
+
+/// Both directions of a connection, driven by one poll function.
+pub struct Forward<'a> {
+    /// `[client, backend]`; pump 0 moves `ends[0]` → `ends[1]`, pump 1 the reverse.
+    ends: [End<'a>; 2],
+    /// Byte counters per pump.
+    counters: [&'a Counter; 2],
+    pumps: [Pump<'a>; 2],
+    metrics: &'a Metrics,
+    idle: Option<Idle>,
+    /// A FIN was forwarded already: the last direction to finish skips its `shutdown`.
+    fin_sent: bool,
+}
+
+impl<'a> Forward<'a> {
+    /// Prepares forwarding between `client` and `backend`; counts bytes into the counters.
+    pub fn new(
+        client: &'a TcpStream,
+        backend: &'a TcpStream,
+        to_backend: &'a Counter,
+        to_client: &'a Counter,
+        opts: ForwardOptions,
+        metrics: &'a Metrics,
+    ) -> Self {
+        let pump = || Pump {
+            total: 0,
+            held: None,
+            stall: None,
+            bulk: false,
+            splice: opts.splice,
+            done: false,
         };
-        match chunk {
-            Chunk::Moved(n) => {
-                total += n as u64;
-                counter.increment(n as u64);
-                if let Some(clock) = clock {
-                    clock.touch();
-                }
-            }
-            Chunk::Empty => {}
-            Chunk::Eof => break,
+        Forward {
+            ends: [
+                End {
+                    stream: client,
+                    side: Side::Client,
+                },
+                End {
+                    stream: backend,
+                    side: Side::Backend,
+                },
+            ],
+            counters: [to_backend, to_client],
+            pumps: [pump(), pump()],
+            metrics,
+            idle: opts.idle_timeout.map(|limit| Idle {
+                limit,
+                last: Instant::now(),
+                timer: Box::pin(tokio::time::sleep(limit)),
+            }),
+            fin_sent: false,
         }
     }
-    if let Some(p) = held.take() {
-        pipe::release(p);
+
+    /// Forwards both directions until both have seen EOF, an error, the idle timeout, or
+    /// `kill` (the drain deadline).
+    pub async fn run(&mut self, kill: &CancellationToken) -> Result<Transfer, ConnError> {
+        let mut killed = pin!(kill.cancelled());
+        poll_fn(|cx| {
+            if killed.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(ConnError::Shutdown));
+            }
+            self.poll_both(cx)
+        })
+        .await
     }
-    // Forward the FIN. The last direction to finish skips it: both sockets close right
-    // after, and close() sends the same FIN (one syscall less per connection).
-    if !finished.swap(true, Ordering::AcqRel) {
-        shutdown_write(dst.stream).map_err(|e| dst.fail(e))?;
+
+    fn poll_both(&mut self, cx: &mut Context<'_>) -> Poll<Result<Transfer, ConnError>> {
+        for i in 0..2 {
+            if !self.pumps[i].done {
+                // Pending just means this direction waits; the other still runs.
+                let _ = self.poll_pump(i, cx)?;
+            }
+        }
+        if self.pumps.iter().all(|p| p.done) {
+            return Poll::Ready(Ok(Transfer {
+                to_backend: self.pumps[0].total,
+                to_client: self.pumps[1].total,
+            }));
+        }
+        if let Some(idle) = &mut self.idle {
+            while idle.timer.as_mut().poll(cx).is_ready() {
+                let deadline = idle.last + idle.limit;
+                if Instant::now() >= deadline {
+                    return Poll::Ready(Err(ConnError::Idle));
+                }
+                idle.timer.as_mut().reset(deadline);
+            }
+        }
+        Poll::Pending
     }
-    Ok(total)
+
+    /// Moves chunks `src` → `dst` until the source is empty (`Pending`) or sends FIN
+    /// (`Ready`, after passing the FIN on).
+    fn poll_pump(&mut self, i: usize, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
+        let (src, dst) = (self.ends[i], self.ends[1 - i]);
+        loop {
+            let pump = &mut self.pumps[i];
+            let moved = if let Some(stall) = &mut pump.stall {
+                let (n, pipe) = ready!(stall.as_mut().poll(cx))?;
+                pump.stall = None;
+                pump.held = pipe;
+                Chunk::Moved(n)
+            } else {
+                // `poll_read_ready` parks in the socket's own reader slot (this pump is the
+                // only reader of `src`), so waiting costs no memory. It also spends tokio's
+                // coop budget: a stream that never sees EAGAIN still lets others run.
+                ready!(src.stream.poll_read_ready(cx)).map_err(|e| src.fail(e))?;
+                match self.step(i, src, dst)? {
+                    Some(chunk) => chunk,
+                    None => continue, // the stall was just set up: poll it
+                }
+            };
+            let pump = &mut self.pumps[i];
+            match moved {
+                Chunk::Moved(n) => {
+                    pump.total += n as u64;
+                    self.counters[i].increment(n as u64);
+                    if let Some(idle) = &mut self.idle {
+                        idle.last = Instant::now();
+                    }
+                    if !pump.bulk {
+                        // The burst is over and its pipe empty: give it back while we wait.
+                        if let Some(p) = pump.held.take() {
+                            pipe::release(p);
+                        }
+                    }
+                }
+                Chunk::Empty => {
+                    if let Some(p) = pump.held.take() {
+                        pipe::release(p);
+                    }
+                }
+                Chunk::Eof => {
+                    if let Some(p) = pump.held.take() {
+                        pipe::release(p);
+                    }
+                    pump.done = true;
+                    // Forward the FIN. The last direction to finish skips it: both sockets
+                    // close right after, and close() sends the same FIN.
+                    if !std::mem::replace(&mut self.fin_sent, true) {
+                        shutdown_write(dst.stream).map_err(|e| dst.fail(e))?;
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
+    }
+
+    /// Reads one chunk from `src` and delivers what `dst` takes now. Returns the chunk, or
+    /// `None` when `dst` stalled and the rest now waits in the pump's stall future.
+    fn step(&mut self, i: usize, src: End<'a>, dst: End<'a>) -> Result<Option<Chunk>, ConnError> {
+        let pump = &mut self.pumps[i];
+        if pump.bulk && pump.splice {
+            let pipe = match pump.held.take().map_or_else(pipe::acquire, Ok) {
+                Ok(p) => p,
+                Err(_) => {
+                    // No pipe (fd exhaustion): this direction copies from now on.
+                    self.metrics.splice_fallback();
+                    pump.splice = false;
+                    return self.step(i, src, dst);
+                }
+            };
+            let (chunk, sent) = splice_step(&src, &dst, &pipe)?;
+            if let Chunk::Moved(n) = chunk {
+                pump.bulk = n >= COPY_CHUNK;
+                if sent < n {
+                    pump.stall = Some(Box::pin(async move {
+                        deliver(&src, &dst, sent, n, pipe_writer(&pipe, &dst)).await?;
+                        Ok((n, Some(pipe)))
+                    }));
+                    return Ok(None);
+                }
+            }
+            pump.held = Some(pipe);
+            Ok(Some(chunk))
+        } else {
+            let (chunk, rest) = SCRATCH.with_borrow_mut(|buf| copy_step(&src, &dst, buf))?;
+            if let Chunk::Moved(n) = chunk {
+                pump.bulk = n >= COPY_CHUNK;
+                if let Some(rest) = rest {
+                    pump.stall = Some(Box::pin(async move {
+                        deliver(&src, &dst, 0, rest.len(), buf_writer(&rest, &dst)).await?;
+                        Ok((n, None))
+                    }));
+                    return Ok(None);
+                }
+            }
+            Ok(Some(chunk))
+        }
+    }
 }
 
 /// Bytes of a copied chunk that the destination did not take yet.
@@ -405,15 +490,6 @@ async fn deliver(
     Ok(())
 }
 
-/// Completes when the idle timeout passes with nothing moved; never without one. Boxed so
-/// that its timer costs nothing on connections without an idle timeout.
-async fn idle_expired(limit: Option<Duration>, clock: Option<&Activity>) {
-    match (limit, clock) {
-        (Some(limit), Some(clock)) => Box::pin(clock.expired(limit)).await,
-        _ => std::future::pending().await,
-    }
-}
-
 /// Waits until `dst` can take more bytes, while watching `src` for a reset: with `dst`
 /// stalled and the other pump waiting on `dst` too, nothing else would notice `src` break.
 async fn wait_writable(src: &End<'_>, dst: &End<'_>) -> Result<(), ConnError> {
@@ -430,40 +506,6 @@ async fn wait_writable(src: &End<'_>, dst: &End<'_>) -> Result<(), ConnError> {
                     .unwrap_or_else(|| io::ErrorKind::ConnectionReset.into()),
             };
             Err(src.fail(source))
-        }
-    }
-}
-
-/// Last time either direction moved bytes, for the idle timeout; shared by both pumps
-/// without a lock.
-struct Activity {
-    start: Instant,
-    /// Milliseconds after `start` of the last chunk.
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Activity {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
-    }
-
-    fn touch(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    /// Completes once nothing moved for `limit`.
-    async fn expired(&self, limit: Duration) {
-        loop {
-            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let deadline = last + limit;
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline).await;
         }
     }
 }
