@@ -35,7 +35,7 @@ use std::future::{poll_fn, Future};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::pin::{pin, Pin};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use metrics::Counter;
@@ -124,20 +124,6 @@ struct Pump<'a> {
     done: bool,
 }
 
-/// Chunks a direction moves before the other gets its turn.
-const TURN: usize = 4;
-
-/// How a direction's turn ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Turn {
-    /// Its source (or stalled destination) is not ready; the waker is registered.
-    Waiting,
-    /// It used up its turn with bytes possibly left: poll again.
-    Yielded,
-    /// The source sent FIN, and it was passed on.
-    Finished,
-}
-
 /// The idle timeout's clock.
 struct Idle {
     limit: Duration,
@@ -214,17 +200,10 @@ impl<'a> Forward<'a> {
     }
 
     fn poll_both(&mut self, cx: &mut Context<'_>) -> Poll<Result<Transfer, ConnError>> {
-        // Take turns of a few chunks each, so that when both directions are busy (an echo)
-        // neither waits for the other to drain its source.
-        loop {
-            let mut again = false;
-            for i in 0..2 {
-                if !self.pumps[i].done {
-                    again |= self.poll_pump(i, cx)? == Turn::Yielded;
-                }
-            }
-            if !again {
-                break;
+        for i in 0..2 {
+            if !self.pumps[i].done {
+                // Pending just means this direction waits; the other still runs.
+                let _ = self.poll_pump(i, cx)?;
             }
         }
         if self.pumps.iter().all(|p| p.done) {
@@ -245,18 +224,14 @@ impl<'a> Forward<'a> {
         Poll::Pending
     }
 
-    /// Moves chunks `src` → `dst` until the source is empty (`Waiting`, the waker is
-    /// registered), sends FIN (`Finished`, after passing the FIN on), or [`TURN`] chunks
-    /// moved (`Yielded`).
-    fn poll_pump(&mut self, i: usize, cx: &mut Context<'_>) -> Result<Turn, ConnError> {
+    /// Moves chunks `src` → `dst` until the source is empty (`Pending`) or sends FIN
+    /// (`Ready`, after passing the FIN on).
+    fn poll_pump(&mut self, i: usize, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
         let (src, dst) = (self.ends[i], self.ends[1 - i]);
-        for _ in 0..TURN {
+        loop {
             let pump = &mut self.pumps[i];
             let moved = if let Some(stall) = &mut pump.stall {
-                let Poll::Ready(done) = stall.as_mut().poll(cx) else {
-                    return Ok(Turn::Waiting);
-                };
-                let (n, pipe) = done?;
+                let (n, pipe) = ready!(stall.as_mut().poll(cx))?;
                 pump.stall = None;
                 pump.held = pipe;
                 Chunk::Moved(n)
@@ -264,10 +239,7 @@ impl<'a> Forward<'a> {
                 // `poll_read_ready` parks in the socket's own reader slot (this pump is the
                 // only reader of `src`), so waiting costs no memory. It also spends tokio's
                 // coop budget: a stream that never sees EAGAIN still lets others run.
-                let Poll::Ready(ready) = src.stream.poll_read_ready(cx) else {
-                    return Ok(Turn::Waiting);
-                };
-                ready.map_err(|e| src.fail(e))?;
+                ready!(src.stream.poll_read_ready(cx)).map_err(|e| src.fail(e))?;
                 match self.step(i, src, dst)? {
                     Some(chunk) => chunk,
                     None => continue, // the stall was just set up: poll it
@@ -303,11 +275,10 @@ impl<'a> Forward<'a> {
                     if !std::mem::replace(&mut self.fin_sent, true) {
                         shutdown_write(dst.stream).map_err(|e| dst.fail(e))?;
                     }
-                    return Ok(Turn::Finished);
+                    return Poll::Ready(Ok(()));
                 }
             }
         }
-        Ok(Turn::Yielded)
     }
 
     /// Reads one chunk from `src` and delivers what `dst` takes now. Returns the chunk, or
