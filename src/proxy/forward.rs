@@ -143,6 +143,8 @@ pub struct Forward<'a> {
     idle: Option<Idle>,
     /// A FIN was forwarded already: the last direction to finish skips its `shutdown`.
     fin_sent: bool,
+    /// The kill wait was polled once, so the token holds this task's waker.
+    kill_registered: bool,
 }
 
 impl<'a> Forward<'a> {
@@ -183,6 +185,7 @@ impl<'a> Forward<'a> {
                 timer: Box::pin(tokio::time::sleep(limit)),
             }),
             fin_sent: false,
+            kill_registered: false,
         }
     }
 
@@ -191,7 +194,17 @@ impl<'a> Forward<'a> {
     pub async fn run(&mut self, kill: &CancellationToken) -> Result<Transfer, ConnError> {
         let mut killed = pin!(kill.cancelled());
         poll_fn(|cx| {
-            if killed.as_mut().poll(cx).is_ready() {
+            // The first poll leaves this task's waker with the token. Polling the wait again
+            // would lock the token's mutex — shared by every connection on every worker — on
+            // each wake-up; a tokio task's waker never changes, so afterwards the flag's
+            // atomic load is enough, and cancelling still wakes the waker left first.
+            let cancelled = if self.kill_registered {
+                kill.is_cancelled()
+            } else {
+                self.kill_registered = true;
+                killed.as_mut().poll(cx).is_ready()
+            };
+            if cancelled {
                 return Poll::Ready(Err(ConnError::Shutdown));
             }
             self.poll_both(cx)
