@@ -1,5 +1,5 @@
 //! One client connection's life, read top to bottom as phases:
-//! read header → route → connect → write preamble → forward → finish.
+//! read header → route → connect and write the preamble → forward → finish.
 //!
 //! Each phase has its own deadline and error variant; the connection ends with exactly one
 //! log event and its metrics. The header phase is the only one under the header deadline
@@ -113,7 +113,7 @@ async fn phases(shared: &Shared, client: &TcpStream, kill: &CancellationToken) -
     be.metrics.bytes_to_backend.increment(preamble.len() as u64);
     drop(buf); // nothing of the header phase lives on into a long connection
 
-    // Phase 5: splice both ways.
+    // Phase 4: forward both ways.
     let mut forward = Forward::new(
         client,
         &backend,
