@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use nix::sys::resource::{getrlimit, getrusage, setrlimit, Resource, UsageWho};
+use nix::sys::resource::{getrusage, UsageWho};
 use shardproxy::client::round_trip;
 use shardproxy::HeaderFormat;
 use tokio::io::AsyncWriteExt;
@@ -30,18 +30,12 @@ async fn emfile_pauses_accept_then_recovers() {
     // accept loop, not the connection cap, meets the full fd table.
     let proxy = start_proxy(specs(&backends), |_| {}).await;
     let fmt = HeaderFormat::default();
-    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
-    setrlimit(Resource::RLIMIT_NOFILE, LOW_LIMIT, hard).expect("lower the soft fd limit");
 
     // Fill the process's fd table with placeholders, then trade one for a client socket:
     // the client connects (the kernel completes the handshake into the backlog) and the
     // proxy's accept() has no fd left for it.
-    let mut filler = Vec::new();
-    while let Ok(f) = std::fs::File::open("/dev/null") {
-        filler.push(f);
-        assert!(filler.len() < 100_000, "the fd limit did not take effect");
-    }
-    filler.pop();
+    let mut full = FullFdTable::fill(LOW_LIMIT);
+    full.free_one();
     let mut client = TcpStream::connect(proxy.local_addr())
         .await
         .expect("connect with the one free fd");
@@ -54,8 +48,7 @@ async fn emfile_pauses_accept_then_recovers() {
     let burned = cpu_seconds() - before;
 
     // Free the fds; the proxy must recover by itself.
-    drop(filler);
-    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("restore the fd limit");
+    drop(full);
     let text = scrape(&proxy).await;
     let exhausted = metric(
         &text,

@@ -8,7 +8,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use shardproxy::client::read_name;
 use shardproxy::HeaderFormat;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -37,13 +36,7 @@ async fn bulk_without_pipes_copies_every_byte() {
     assert_eq!(echoed, header);
 
     // Now take every fd: pipe2() in the proxy fails with EMFILE.
-    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
-    setrlimit(Resource::RLIMIT_NOFILE, LOW_LIMIT, hard).expect("lower the soft fd limit");
-    let mut filler = Vec::new();
-    while let Ok(f) = std::fs::File::open("/dev/null") {
-        filler.push(f);
-        assert!(filler.len() < 100_000, "the fd limit did not take effect");
-    }
+    let full = FullFdTable::fill(LOW_LIMIT);
 
     let writer = tokio::spawn(async move {
         let mut data = PrngStream::new(0xF0);
@@ -79,8 +72,7 @@ async fn bulk_without_pipes_copies_every_byte() {
         .expect("hang guard: the echo did not finish");
     let _wr = writer.await.unwrap().unwrap();
 
-    drop(filler);
-    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("restore the fd limit");
+    drop(full);
     assert_eq!(got, PAYLOAD, "every byte comes back, then EOF");
     let fallbacks = metric(&proxy.metrics_text(), "shardproxy_splice_fallbacks_total");
     assert!(

@@ -127,6 +127,15 @@ struct Pump<'a> {
     done: bool,
 }
 
+impl Pump<'_> {
+    /// Returns the held pipe, which the caller knows to be empty, to the pool.
+    fn release_pipe(&mut self) {
+        if let Some(p) = self.held.take() {
+            pipe::release(p);
+        }
+    }
+}
+
 /// The idle timeout's clock.
 struct Idle {
     limit: Duration,
@@ -271,20 +280,12 @@ impl<'a> Forward<'a> {
                     }
                     if !pump.bulk {
                         // The burst is over and its pipe empty: give it back while we wait.
-                        if let Some(p) = pump.held.take() {
-                            pipe::release(p);
-                        }
+                        pump.release_pipe();
                     }
                 }
-                Chunk::Empty => {
-                    if let Some(p) = pump.held.take() {
-                        pipe::release(p);
-                    }
-                }
+                Chunk::Empty => pump.release_pipe(),
                 Chunk::Eof => {
-                    if let Some(p) = pump.held.take() {
-                        pipe::release(p);
-                    }
+                    pump.release_pipe();
                     pump.done = true;
                     // Forward the FIN. The last direction to finish skips it: both sockets
                     // close right after, and close() sends the same FIN.

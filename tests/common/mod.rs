@@ -115,6 +115,42 @@ impl Drop for CountingBackend {
     }
 }
 
+/// The process's fd table, full: the soft fd limit lowered to `limit` and every free fd taken
+/// by a `/dev/null` placeholder. Dropping it frees the fds and restores the limit (also when a
+/// test panics). Only for test binaries with a single test: the limit is process-wide.
+pub struct FullFdTable {
+    filler: Vec<std::fs::File>,
+    hard: u64,
+}
+
+impl FullFdTable {
+    /// Lowers the soft fd limit to `limit` and fills the table.
+    pub fn fill(limit: u64) -> Self {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+        setrlimit(Resource::RLIMIT_NOFILE, limit, hard).expect("lower the soft fd limit");
+        let mut filler = Vec::new();
+        while let Ok(f) = std::fs::File::open("/dev/null") {
+            filler.push(f);
+            assert!(filler.len() < 100_000, "the fd limit did not take effect");
+        }
+        FullFdTable { filler, hard }
+    }
+
+    /// Frees one fd, for the caller to take.
+    pub fn free_one(&mut self) {
+        self.filler.pop();
+    }
+}
+
+impl Drop for FullFdTable {
+    fn drop(&mut self) {
+        use nix::sys::resource::{setrlimit, Resource};
+        self.filler.clear();
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, self.hard, self.hard);
+    }
+}
+
 /// Deterministic pseudo-random bytes (xorshift64*), cheap enough for hundreds of MiB.
 pub fn fill_prng(seed: u64, buf: &mut [u8]) {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
