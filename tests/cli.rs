@@ -474,11 +474,13 @@ async fn sigterm_drains_in_flight_connections_refuses_new_ones_and_exits_0() {
 
     proxy.signal("-TERM");
     // The listener closes: new connections are refused. (A connection that slips in before
-    // the signal is handled is dropped at once; the proxy ends it on the header EOF.)
+    // the signal is handled is dropped at once; the proxy ends it on the header EOF. One
+    // still in the accept queue when the listener closes is reset by the kernel.)
     let deadline = Instant::now() + HANG_GUARD;
     loop {
         match TcpStream::connect(listen).await {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
             Err(e) => panic!("unexpected connect error after SIGTERM: {e}"),
             Ok(probe) => drop(probe),
         }
