@@ -34,6 +34,10 @@ pub enum ConnError {
     /// No backend takes new keys (all drained or none configured).
     #[error("no backend takes new keys")]
     NoBackend,
+    /// The proxy could not open a backend connection for want of its own resources (fds,
+    /// memory, local ports). Not the backend's fault: no failover, no backend counter.
+    #[error("the proxy is short of resources to connect: {0}")]
+    Local(#[source] io::Error),
     /// Every backend tried failed to connect.
     #[error(
         "could not connect to a backend after {tries} tries (the last is named as the backend)"
@@ -66,15 +70,16 @@ impl ConnError {
             ConnError::Header(_) | ConnError::HeaderIo(_) | ConnError::Idle => Side::Client,
             ConnError::NoBackend | ConnError::ConnectFailed { .. } => Side::Backend,
             ConnError::Forward { side, .. } => *side,
-            ConnError::Shutdown => Side::Proxy,
+            ConnError::Local(_) | ConnError::Shutdown => Side::Proxy,
         }
     }
 
     /// Every label [`ConnError::reason`] gives outside the header errors (which have their own
     /// metric), so the counters can be registered once, before any connection.
-    pub const REASONS: [&'static str; 7] = [
+    pub const REASONS: [&'static str; 8] = [
         "header_io",
         "no_backend",
+        "local_resources",
         "connect_failed",
         "client_error",
         "backend_error",
@@ -88,6 +93,7 @@ impl ConnError {
             ConnError::Header(e) => e.reason(),
             ConnError::HeaderIo(_) => "header_io",
             ConnError::NoBackend => "no_backend",
+            ConnError::Local(_) => "local_resources",
             ConnError::ConnectFailed { .. } => "connect_failed",
             ConnError::Forward {
                 side: Side::Client, ..
@@ -163,6 +169,7 @@ mod tests {
         let all = [
             ConnError::HeaderIo(io()),
             ConnError::NoBackend,
+            ConnError::Local(io()),
             ConnError::ConnectFailed { tries: 1 },
             ConnError::Forward {
                 side: Side::Client,

@@ -253,6 +253,36 @@ pub struct BackendMetrics {
     pub connect_seconds: Histogram,
 }
 
+/// Why a backend connect attempt failed (the `reason` label of
+/// [`BACKEND_CONNECT_FAILURES`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// The backend refused the connection.
+    Refused,
+    /// The attempt ran out of its connect timeout.
+    Timeout,
+    /// The handshake or the first write failed otherwise (reset, unreachable).
+    Other,
+}
+
+impl BackendMetrics {
+    /// Counts an established connection and its connect latency.
+    pub fn connected(&self, took: std::time::Duration) {
+        self.connect_seconds.record(took.as_secs_f64());
+        self.connections.increment(1);
+    }
+
+    /// Counts a failed connect attempt.
+    pub fn connect_failed(&self, why: ConnectFailure) {
+        match why {
+            ConnectFailure::Refused => &self.refused,
+            ConnectFailure::Timeout => &self.timeout,
+            ConnectFailure::Other => &self.other,
+        }
+        .increment(1);
+    }
+}
+
 /// Decrements a gauge when dropped: an "active" count that cannot leak on any exit path.
 pub struct ActiveGuard(Gauge);
 

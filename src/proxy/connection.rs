@@ -3,35 +3,38 @@
 //!
 //! Each phase has its own deadline and error variant; the connection ends with exactly one
 //! log event and its metrics. The header phase is the only one under the header deadline
-//! (go-proxyproto#65: a deadline never cleared later kills healthy connections).
+//! (go-proxyproto#65: a deadline never cleared later kills healthy connections); the drain
+//! deadline (`kill`) ends every phase. A connection the proxy gives up on — an error, the
+//! idle timeout, the drain deadline — is reset on both sides, never closed with a FIN that
+//! would make a truncated transfer look complete.
 
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use nix::errno::Errno;
 use nix::sys::socket::{recv, MsgFlags};
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
-use tokio::io::{AsyncWriteExt, Interest};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::forward::{recv_draining, Forward, ForwardOptions, Transfer};
+use super::connect::connect;
+use super::forward::{Activity, Forward, ForwardOptions, Transfer};
+use super::io::recv_draining;
 use super::sockopt::set_reset_on_close;
 use super::Shared;
-use crate::backend::RoutingTable;
-use crate::config::MAX_TRIES;
 use crate::error::{ConnError, Side};
 use crate::header::{HeaderError, HeaderFormat, HeaderMode, Parse};
 use crate::metrics::ActiveGuard;
 use crate::routing::KeyDigest;
 
+/// Bytes read from a new client before its header length is known: a slow client holds
+/// no more than this until it sends a length, then at most the header it announced.
+const FIRST_READ: usize = 512;
+
 /// Serves one accepted client to the end. Never panics, never returns an error: the outcome
-/// is logged once and counted. `kill` ends forwarding at the drain deadline (the header and
-/// connect phases end by their own deadlines).
+/// is logged once and counted. `kill` (the drain deadline) ends any phase.
 pub(crate) async fn serve(shared: Arc<Shared>, client: TcpStream, kill: CancellationToken) {
     let _active = shared.metrics.active_connection();
     let started = Instant::now();
@@ -60,6 +63,9 @@ pub(crate) async fn serve(shared: Arc<Shared>, client: TcpStream, kill: Cancella
                 Side::Backend => {
                     info!(peer = %peer(), backend, reason = e.reason(), error = %e, "connection failed")
                 }
+                Side::Proxy if matches!(e, ConnError::Local(_)) => {
+                    info!(peer = %peer(), reason = e.reason(), error = %e, "connection failed: the proxy is short of resources")
+                }
                 _ => {
                     debug!(peer = %peer(), backend, reason = e.reason(), error = %e, "connection ended")
                 }
@@ -76,20 +82,29 @@ async fn phases(shared: &Shared, client: &TcpStream, kill: &CancellationToken) -
     let cfg = &shared.config;
     let fmt = cfg.header;
 
-    // Phase 1: the key header, under the header deadline only.
-    let mut buf = vec![0u8; fmt.max_header_len()];
-    // The header and connect phases are boxed: their futures (timers, connect state) are
-    // larger than forwarding's, and an unboxed phase would size every connection's future
-    // — held for the connection's whole life — to the largest one.
-    let head = match Box::pin(timeout(
-        cfg.header_timeout,
-        read_header(client, &fmt, &mut buf),
-    ))
-    .await
-    {
-        Ok(r) => r.map_err(|e| (e, None))?,
-        Err(_) => return Err((HeaderError::Timeout.into(), None)),
-    };
+    // Phase 1: the key header, under the header deadline only. The header and connect
+    // phases are boxed: their futures (timers, connect state) are larger than forwarding's,
+    // and an unboxed phase would size every connection's future — held for the
+    // connection's whole life — to the largest one. `biased`: a header that came with the
+    // first packet never touches the kill token (whose waiter list is shared by all
+    // connections).
+    let header = Box::pin(async {
+        tokio::select! {
+            biased;
+            r = timeout(cfg.header_timeout, read_header(client, &fmt)) => match r {
+                Ok(r) => r,
+                Err(_) => Err(HeaderError::Timeout.into()),
+            },
+            () = kill.cancelled() => Err(ConnError::Shutdown),
+        }
+    })
+    .await;
+    let (buf, head) = header.map_err(|e| {
+        if let ConnError::Shutdown = e {
+            set_reset_on_close(client);
+        }
+        (e, None)
+    })?;
     let key = match fmt.parse(&buf[..head.filled]) {
         Parse::Done { key, .. } => key,
         // read_header returns only once the header parsed as Done.
@@ -105,15 +120,28 @@ async fn phases(shared: &Shared, client: &TcpStream, kill: &CancellationToken) -
     };
     let preamble = &buf[start..head.filled];
     let table = shared.table.load_full();
-    let (index, backend) = Box::pin(connect(shared, &table, KeyDigest::of(key), preamble)).await?;
+    let connected = Box::pin(async {
+        tokio::select! {
+            biased;
+            r = connect(shared, &table, KeyDigest::of(key), preamble) => r,
+            () = kill.cancelled() => Err((ConnError::Shutdown, None)),
+        }
+    })
+    .await;
+    let (index, backend) = connected.inspect_err(|(e, _)| {
+        if let ConnError::Shutdown = e {
+            set_reset_on_close(client);
+        }
+    })?;
     let be = &table.backends[index];
     let name = be.name.clone();
-    let fail = |e: ConnError| (e, Some(name.clone()));
     let _backend_active = ActiveGuard::new(be.metrics.active.clone());
     be.metrics.bytes_to_backend.increment(preamble.len() as u64);
+    let forwarded = (head.filled - start) as u64;
     drop(buf); // nothing of the header phase lives on into a long connection
 
     // Phase 4: forward both ways.
+    let activity = Activity::new();
     let mut forward = Forward::new(
         client,
         &backend,
@@ -124,20 +152,21 @@ async fn phases(shared: &Shared, client: &TcpStream, kill: &CancellationToken) -
             splice: cfg.splice,
         },
         &shared.metrics,
+        &activity,
     );
-    let result = forward.run(kill).await;
-    match result {
+    match forward.run(kill).await {
         Ok(mut t) => {
-            t.to_backend += (head.filled - start) as u64;
+            t.to_backend += forwarded;
             Ok((name, t))
         }
         Err(e) => {
-            if let ConnError::Forward { .. } = e {
-                // Propagate the reset: the healthy side learns by RST, not by a clean FIN.
-                set_reset_on_close(client);
-                set_reset_on_close(&backend);
-            }
-            Err(fail(e))
+            // Every way forwarding ends early is reset on both sides: the healthy side of
+            // a broken connection learns by RST, and a connection cut by the idle timeout
+            // or the drain deadline — bytes may still be in flight — must not end in a FIN
+            // that makes the truncation look like a clean end.
+            set_reset_on_close(client);
+            set_reset_on_close(&backend);
+            Err((e, Some(name)))
         }
     }
 }
@@ -151,20 +180,22 @@ pub(crate) struct HeaderRead {
     pub filled: usize,
 }
 
-/// Reads (consuming) until the header is complete. Reads at most `buf.len()` bytes, which is
-/// the longest valid header, so a client can never make the proxy buffer more.
+/// Reads (consuming) until the header is complete; returns the bytes read and where the
+/// header ends in them. The buffer starts at [`FIRST_READ`] bytes and grows only to the
+/// header the client announced, so a client can never make the proxy buffer more than
+/// `max(FIRST_READ, its header)` — and a slow one, before it sent a length, no more than
+/// [`FIRST_READ`].
 pub(crate) async fn read_header(
     client: &TcpStream,
     fmt: &HeaderFormat,
-    buf: &mut [u8],
-) -> Result<HeaderRead, ConnError> {
+) -> Result<(Vec<u8>, HeaderRead), ConnError> {
+    let mut buf = vec![0u8; fmt.max_header_len().min(FIRST_READ)];
     // Clients send the header with their first packet, so it is usually queued by the time
     // the connection is accepted: read it at once instead of waiting for the poller to
-    // report what the kernel already has (saves a trip through the event loop). If the
-    // poller did report it already, a short read clears that readiness (as in the
-    // forwarding pumps), so the client's pump does not start with an EAGAIN read.
-    let first = recv_draining(client, buf, true);
-    let mut filled = match first {
+    // report what the kernel already has (saves a trip through the event loop). A read that
+    // drains the socket clears readiness (as in the forwarding pumps), so the client's pump
+    // does not start with an EAGAIN read.
+    let mut filled = match recv_draining(client, &mut buf, true) {
         Ok(0) => return Err(HeaderError::Eof.into()),
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
@@ -172,8 +203,13 @@ pub(crate) async fn read_header(
     };
     loop {
         match fmt.parse(&buf[..filled]) {
-            Parse::Need(_) => {}
-            Parse::Done { consumed, .. } => return Ok(HeaderRead { consumed, filled }),
+            Parse::Need(more) => {
+                // Room for exactly the rest of the header (known once the length is).
+                if buf.len() < filled + more {
+                    buf.resize(filled + more, 0);
+                }
+            }
+            Parse::Done { consumed, .. } => return Ok((buf, HeaderRead { consumed, filled })),
             Parse::Error(e) => return Err(e.into()),
         }
         client.readable().await.map_err(ConnError::HeaderIo)?;
@@ -239,106 +275,10 @@ pub(crate) async fn peek_header(
     }
 }
 
-/// Connects to the first reachable backend in the key's rank order, never trying one twice,
-/// and delivers `preamble` to it. A backend that fails before it took the preamble is
-/// failed over: no byte of this client reached it.
-async fn connect(
-    shared: &Shared,
-    table: &RoutingTable,
-    digest: KeyDigest,
-    preamble: &[u8],
-) -> Result<(usize, TcpStream), (ConnError, Option<Arc<str>>)> {
-    let tries = (shared.config.effective_tries() as usize).min(MAX_TRIES as usize);
-    let mut tried = [usize::MAX; MAX_TRIES as usize];
-    let mut n = 0;
-    while n < tries {
-        let Some(index) = table.router.pick_excluding(digest, &tried[..n]) else {
-            break;
-        };
-        if n > 0 {
-            // The previous choice failed and the key moves on: a failover off that backend.
-            table.backends[tried[n - 1]].metrics.failovers.increment(1);
-        }
-        tried[n] = index;
-        n += 1;
-        let be = &table.backends[index];
-        let started = Instant::now();
-        match timeout(shared.config.connect_timeout, open(be.addr, preamble)).await {
-            Ok(Ok(stream)) => {
-                be.metrics
-                    .connect_seconds
-                    .record(started.elapsed().as_secs_f64());
-                be.metrics.connections.increment(1);
-                return Ok((index, stream));
-            }
-            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                be.metrics.refused.increment(1)
-            }
-            Ok(Err(_)) => be.metrics.other.increment(1),
-            Err(_) => be.metrics.timeout.increment(1),
-        }
-    }
-    match n {
-        0 => Err((ConnError::NoBackend, None)),
-        // The log names the last backend tried (the earlier ones are in the metrics).
-        tries => Err((
-            ConnError::ConnectFailed {
-                tries: tries as u32,
-            },
-            Some(table.backends[tried[tries - 1]].name.clone()),
-        )),
-    }
-}
-
-/// Opens a connection to `addr` (with `TCP_NODELAY`) and writes `preamble` to it.
-///
-/// The preamble is sent as soon as `connect(2)` returns, without waiting for the poller:
-/// on loopback or a fast network the handshake is usually complete by then, which saves a
-/// trip through the event loop and the `getsockopt(SO_ERROR)` of tokio's connect. A handshake
-/// still in flight makes that send return `EAGAIN` (then we wait for writability); a failed
-/// one makes it return the connect error itself (`sk_stream_wait_connect` reports `sk_err`).
-async fn open(addr: SocketAddr, preamble: &[u8]) -> io::Result<TcpStream> {
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking(),
-        Some(Protocol::TCP),
-    )?;
-    // Failure only costs latency; never fail a connection for it.
-    let _ = socket.set_tcp_nodelay(true);
-    match socket.connect(&addr.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(Errno::EINPROGRESS as i32) => {}
-        Err(e) => return Err(e),
-    }
-    let stream = TcpStream::from_std(socket.into())?;
-    let mut sent = 0;
-    if !preamble.is_empty() {
-        match SockRef::from(&stream).send(preamble) {
-            Ok(n) => sent = n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    if sent < preamble.len() {
-        // Still connecting, or the send buffer is full: the rest waits for the poller, and
-        // a failed connect surfaces as the write's error.
-        let mut stream = stream;
-        stream.write_all(&preamble[sent..]).await?;
-        return Ok(stream);
-    }
-    if preamble.is_empty() {
-        // Nothing to send reveals the outcome: wait for the handshake and ask for it.
-        stream.writable().await?;
-        if let Some(e) = stream.take_error()? {
-            return Err(e);
-        }
-    }
-    Ok(stream)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
 
     async fn pair() -> (TcpStream, TcpStream) {
@@ -371,8 +311,7 @@ mod tests {
             }
         );
         // Everything is still queued: a consuming read gets the same header.
-        let mut buf = vec![0u8; fmt.max_header_len()];
-        let r = read_header(&s, &fmt, &mut buf).await.unwrap();
+        let (buf, r) = read_header(&s, &fmt).await.unwrap();
         assert_eq!(r.consumed, 7);
         assert_eq!(&buf[..r.filled], b"\x00\x05abcdeTAIL");
     }
@@ -416,7 +355,7 @@ mod size_tests {
                 vec!["a=127.0.0.1:1".parse().unwrap()],
             );
             let metrics = crate::metrics::Metrics::new();
-            let table = RoutingTable::build(&cfg.backends, 1, &metrics).unwrap();
+            let table = crate::backend::RoutingTable::build(&cfg.backends, 1, &metrics).unwrap();
             let shared = Arc::new(super::super::Shared::for_tests(cfg, table, metrics));
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();

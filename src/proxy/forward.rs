@@ -1,67 +1,65 @@
 //! Forwarding: bytes both ways until both halves are closed — `splice(2)` for bulk, a copy
-//! for small messages.
+//! for small messages. This file is the pump state machine; the syscall steps and the kernel
+//! behaviour they rely on are in [`io`](super::io).
 //!
 //! Each direction is a pump: wait until the source is readable, read a chunk, then deliver
 //! it completely to the destination before reading again. How a chunk moves adapts to the
 //! traffic:
 //! - **small** (the last read was under [`COPY_CHUNK`]): `recv` into a per-thread scratch
-//!   buffer and `send`. A short `recv` proves the socket drained (`tcp_recvmsg` copies until
-//!   the queue is empty), so readiness is cleared without the `EAGAIN` read a drain
-//!   otherwise costs (tokio does the same in `poll_read`, tokio#5866): two syscalls per
-//!   request instead of three splices;
+//!   buffer and `send`; a read the kernel reports as draining the socket (`TCP_INQ`) clears
+//!   readiness at once: two syscalls per request;
 //! - **bulk** (a read filled the scratch buffer): splice socket → pipe → socket, zero-copy,
-//!   until a read comes back small again. A short splice proves nothing (the pipe may have
-//!   run out of slots), so a splice burst ends on `EAGAIN`.
+//!   until a read comes back small again. A splice that moves nothing is confirmed by a
+//!   `recv` (a splice stops at an urgent mark and would pass for "empty" or "EOF").
 //!
-//! Driven by tokio readiness: syscalls run inside `try_io`, so `EAGAIN` clears the readiness
-//! it belongs to (the approach of zhboner/realm); a short write clears the write readiness
-//! the same way, since it proves the send buffer full. Because a chunk is always delivered
-//! first:
-//! - a FIN from the source becomes `shutdown(SHUT_WR)` on the destination only once every
-//!   byte before it was delivered (haproxy#2505), while the other direction keeps flowing;
-//! - an `EAGAIN` on the read side can only mean "socket empty", never "pipe full".
+//! Invariants:
+//! - a chunk is delivered completely before the next read, so a FIN from the source becomes
+//!   `shutdown(SHUT_WR)` on the destination only once every byte before it was delivered
+//!   (haproxy#2505), while the other direction keeps flowing;
+//! - "empty" and "end of stream" are only ever decided by a `recv`;
+//! - the directions take turns: which goes first alternates per poll, and a turn ends after
+//!   [`TURN_BYTES`], so a flat-out upload cannot hold back the other direction's bytes (a
+//!   single pump would otherwise run a whole tokio coop budget, ~32 MiB);
+//! - any byte delivered, partial deliveries included, is activity for the idle timeout;
+//! - a reset or socket error on either side ends both directions — a pump blocked on a
+//!   stalled destination still watches its source for errors — and the caller then resets
+//!   the other side; an idle or drain-deadline cut resets both (a cut must never look like
+//!   a clean end).
 //!
 //! A pipe is held only during a splice burst and goes back to a per-thread pool after it;
-//! when none can be had (fd exhaustion) the pump copies. A reset or socket error on either
-//! side ends both directions — a pump blocked on a stalled destination still watches its
-//! source for errors — and the caller then resets the other side. No lock and no allocation
-//! per byte: per chunk, one atomic add for the byte counter.
+//! when none can be had (the pipe budget or fds are exhausted) the pump copies. No lock and
+//! no allocation per byte: per chunk, one atomic add for the byte counter.
 //!
 //! Both pumps live in one hand-written poll function ([`Forward`]) rather than two `async`
 //! state machines: an idle connection's memory is mostly its task's future, and this keeps
-//! both directions and their shared state to 200 bytes (two `async` pumps under a `select!`
-//! took 760). Reading and delivering never wait; only a stalled destination costs a boxed
-//! future, which takes the chunk (pipe or copied rest) with it.
+//! both directions and their shared state to about 250 bytes. Reading and delivering never
+//! wait; only a stalled destination costs a boxed future, which takes the chunk (pipe or
+//! copied rest) with it.
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
-use std::io;
-use std::os::fd::AsRawFd;
 use std::pin::{pin, Pin};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use metrics::Counter;
-use nix::fcntl::{splice, SpliceFFlags};
-use nix::sys::socket::{recv, MsgFlags};
-use socket2::SockRef;
-use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
+pub use super::io::Activity;
+use super::io::{buf_writer, copy_step, deliver, pipe_writer, splice_step, Chunk, End};
 use super::pipe::{self, Pipe};
 use super::sockopt::shutdown_write;
 use crate::error::{ConnError, Side};
 use crate::metrics::Metrics;
 
-/// Non-blocking, and move pages rather than copy where the kernel can. Never
-/// `SPLICE_F_MORE`: it delays small writes (golang/go#10948).
-const SPLICE_FLAGS: SpliceFFlags =
-    SpliceFFlags::SPLICE_F_NONBLOCK.union(SpliceFFlags::SPLICE_F_MOVE);
-
 /// Size of the per-thread copy buffer: a read that fills it switches its pump to splicing.
 pub const COPY_CHUNK: usize = 16 * 1024;
+
+/// Bytes a direction moves before the other gets its turn (checked after each chunk, so a
+/// turn is at least one chunk).
+pub const TURN_BYTES: usize = 256 * 1024;
 
 thread_local! {
     /// The copy buffer of this worker thread's pumps. A pump uses it only inside one poll,
@@ -76,25 +74,6 @@ pub struct Transfer {
     pub to_backend: u64,
     /// Backend → client.
     pub to_client: u64,
-}
-
-/// One endpoint of a pump, with what to call its failures.
-#[derive(Clone, Copy)]
-struct End<'a> {
-    /// The socket.
-    stream: &'a TcpStream,
-    /// Which side it is.
-    side: Side,
-}
-
-impl End<'_> {
-    /// This side's socket failed.
-    fn fail(&self, source: io::Error) -> ConnError {
-        ConnError::Forward {
-            side: self.side,
-            source,
-        }
-    }
 }
 
 /// How a connection forwards.
@@ -136,11 +115,19 @@ impl Pump<'_> {
     }
 }
 
+/// How a pump's turn ended, when it did not end waiting.
+enum Turn {
+    /// It moved [`TURN_BYTES`] and yields to the other direction; it has more.
+    Yield,
+    /// Its source sent FIN, which was passed on.
+    Done,
+}
+
 /// The idle timeout's clock.
-struct Idle {
+struct Idle<'a> {
     limit: Duration,
-    /// Last time a chunk moved either way.
-    last: Instant,
+    /// When a byte last moved either way (deliveries record themselves).
+    activity: &'a Activity,
     timer: Pin<Box<Sleep>>,
 }
 
@@ -152,15 +139,18 @@ pub struct Forward<'a> {
     counters: [&'a Counter; 2],
     pumps: [Pump<'a>; 2],
     metrics: &'a Metrics,
-    idle: Option<Idle>,
+    idle: Option<Idle<'a>>,
     /// A FIN was forwarded already: the last direction to finish skips its `shutdown`.
     fin_sent: bool,
     /// The kill wait was polled once, so the token holds this task's waker.
     kill_registered: bool,
+    /// Pump 1 goes first in the next poll (alternates).
+    backend_first: bool,
 }
 
 impl<'a> Forward<'a> {
     /// Prepares forwarding between `client` and `backend`; counts bytes into the counters.
+    /// Deliveries record themselves in `activity`, which the idle timeout reads.
     pub fn new(
         client: &'a TcpStream,
         backend: &'a TcpStream,
@@ -168,6 +158,7 @@ impl<'a> Forward<'a> {
         to_client: &'a Counter,
         opts: ForwardOptions,
         metrics: &'a Metrics,
+        activity: &'a Activity,
     ) -> Self {
         let pump = || Pump {
             total: 0,
@@ -193,11 +184,12 @@ impl<'a> Forward<'a> {
             metrics,
             idle: opts.idle_timeout.map(|limit| Idle {
                 limit,
-                last: Instant::now(),
+                activity,
                 timer: Box::pin(tokio::time::sleep(limit)),
             }),
             fin_sent: false,
             kill_registered: false,
+            backend_first: false,
         }
     }
 
@@ -225,10 +217,22 @@ impl<'a> Forward<'a> {
     }
 
     fn poll_both(&mut self, cx: &mut Context<'_>) -> Poll<Result<Transfer, ConnError>> {
-        for i in 0..2 {
-            if !self.pumps[i].done {
-                // Pending just means this direction waits; the other still runs.
-                let _ = self.poll_pump(i, cx)?;
+        let first = usize::from(self.backend_first);
+        self.backend_first = !self.backend_first;
+        loop {
+            let mut yielded = false;
+            for i in [first, 1 - first] {
+                if !self.pumps[i].done {
+                    // Pending just means this direction waits; the other still runs.
+                    if let Poll::Ready(Turn::Yield) = self.poll_pump(i, cx)? {
+                        yielded = true;
+                    }
+                }
+            }
+            // Until both wait: tokio's coop budget ends a long run (poll_read_ready turns
+            // Pending and schedules a wake), so other connections still get their turn.
+            if !yielded {
+                break;
             }
         }
         if self.pumps.iter().all(|p| p.done) {
@@ -239,9 +243,16 @@ impl<'a> Forward<'a> {
         }
         if let Some(idle) = &mut self.idle {
             while idle.timer.as_mut().poll(cx).is_ready() {
-                let deadline = idle.last + idle.limit;
+                let mut deadline = idle.activity.last() + idle.limit;
                 if Instant::now() >= deadline {
-                    return Poll::Ready(Err(ConnError::Idle));
+                    // Nothing delivered for the whole limit; but a slow reader may still be
+                    // draining what was delivered before (the kernel's send queue).
+                    let ends = [self.ends[0].stream, self.ends[1].stream];
+                    if !idle.activity.queues_moved(ends) {
+                        return Poll::Ready(Err(ConnError::Idle));
+                    }
+                    idle.activity.touch();
+                    deadline = idle.activity.last() + idle.limit;
                 }
                 idle.timer.as_mut().reset(deadline);
             }
@@ -249,16 +260,24 @@ impl<'a> Forward<'a> {
         Poll::Pending
     }
 
-    /// Moves chunks `src` → `dst` until the source is empty (`Pending`) or sends FIN
-    /// (`Ready`, after passing the FIN on).
-    fn poll_pump(&mut self, i: usize, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
+    /// Moves chunks `src` → `dst` until the source is empty or the destination full
+    /// (`Pending`), the turn's bytes are used up (`Yield`), or the source sends FIN (`Done`,
+    /// after passing the FIN on).
+    fn poll_pump(&mut self, i: usize, cx: &mut Context<'_>) -> Poll<Result<Turn, ConnError>> {
         let (src, dst) = (self.ends[i], self.ends[1 - i]);
+        let mut turn = 0;
         loop {
+            if turn >= TURN_BYTES {
+                return Poll::Ready(Ok(Turn::Yield));
+            }
             let pump = &mut self.pumps[i];
             let moved = if let Some(stall) = &mut pump.stall {
                 let (n, pipe) = ready!(stall.as_mut().poll(cx))?;
                 pump.stall = None;
-                pump.held = pipe;
+                if pipe.is_some() {
+                    // A copied chunk's stall has no pipe; the burst's (empty) one stays held.
+                    pump.held = pipe;
+                }
                 Chunk::Moved(n)
             } else {
                 // `poll_read_ready` parks in the socket's own reader slot (this pump is the
@@ -273,11 +292,9 @@ impl<'a> Forward<'a> {
             let pump = &mut self.pumps[i];
             match moved {
                 Chunk::Moved(n) => {
+                    turn += n;
                     pump.total += n as u64;
                     self.counters[i].increment(n as u64);
-                    if let Some(idle) = &mut self.idle {
-                        idle.last = Instant::now();
-                    }
                     if !pump.bulk {
                         // The burst is over and its pipe empty: give it back while we wait.
                         pump.release_pipe();
@@ -292,237 +309,82 @@ impl<'a> Forward<'a> {
                     if !std::mem::replace(&mut self.fin_sent, true) {
                         shutdown_write(dst.stream).map_err(|e| dst.fail(e))?;
                     }
-                    return Poll::Ready(Ok(()));
+                    return Poll::Ready(Ok(Turn::Done));
                 }
             }
         }
+    }
+
+    /// Where deliveries record progress: only kept with an idle timeout.
+    fn activity(&self) -> Option<&'a Activity> {
+        self.idle.as_ref().map(|idle| idle.activity)
     }
 
     /// Reads one chunk from `src` and delivers what `dst` takes now. Returns the chunk, or
     /// `None` when `dst` stalled and the rest now waits in the pump's stall future.
     fn step(&mut self, i: usize, src: End<'a>, dst: End<'a>) -> Result<Option<Chunk>, ConnError> {
+        let activity = self.activity();
         let pump = &mut self.pumps[i];
-        if pump.bulk && pump.splice {
-            let pipe = match pump.held.take().map_or_else(pipe::acquire, Ok) {
-                Ok(p) => p,
-                Err(_) => {
-                    // No pipe (fd exhaustion): this direction copies from now on.
-                    self.metrics.splice_fallback();
-                    pump.splice = false;
-                    return self.step(i, src, dst);
-                }
-            };
-            let (chunk, sent) = splice_step(&src, &dst, &pipe)?;
-            if let Chunk::Moved(n) = chunk {
-                pump.bulk = n >= COPY_CHUNK;
-                if sent < n {
-                    pump.stall = Some(Box::pin(async move {
-                        deliver(&src, &dst, sent, n, pipe_writer(&pipe, &dst)).await?;
-                        Ok((n, Some(pipe)))
-                    }));
-                    return Ok(None);
-                }
+        if !(pump.bulk && pump.splice) {
+            return self.copy(i, src, dst, false);
+        }
+        let pipe = match pump.held.take().map_or_else(pipe::acquire, Ok) {
+            Ok(p) => p,
+            Err(_) => {
+                // No pipe (the pipe budget or the fd table is full): copy from now on.
+                self.metrics.splice_fallback();
+                pump.splice = false;
+                return self.copy(i, src, dst, false);
             }
+        };
+        let Some((n, sent)) = splice_step(&src, &dst, &pipe, activity)? else {
+            // The splice moved nothing, which proves nothing (an urgent mark stops it):
+            // a recv decides, and moves past the mark. The pipe stays empty.
             pump.held = Some(pipe);
-            Ok(Some(chunk))
-        } else {
-            let (chunk, rest) = SCRATCH.with_borrow_mut(|buf| copy_step(&src, &dst, buf))?;
-            if let Chunk::Moved(n) = chunk {
-                pump.bulk = n >= COPY_CHUNK;
-                if let Some(rest) = rest {
-                    pump.stall = Some(Box::pin(async move {
-                        deliver(&src, &dst, 0, rest.len(), buf_writer(&rest, &dst)).await?;
-                        Ok((n, None))
-                    }));
-                    return Ok(None);
-                }
-            }
-            Ok(Some(chunk))
+            return self.copy(i, src, dst, true);
+        };
+        pump.bulk = n >= COPY_CHUNK;
+        if sent < n {
+            pump.stall = Some(Box::pin(async move {
+                deliver(&src, &dst, sent, n, pipe_writer(&pipe, &dst), activity).await?;
+                Ok((n, Some(pipe)))
+            }));
+            return Ok(None);
         }
+        pump.held = Some(pipe);
+        Ok(Some(Chunk::Moved(n)))
     }
-}
 
-/// Bytes of a copied chunk that the destination did not take yet.
-type Undelivered = Box<[u8]>;
-
-/// What one read-and-deliver step did.
-enum Chunk {
-    /// This many bytes were delivered to the destination.
-    Moved(usize),
-    /// The source had nothing (its readiness is now cleared).
-    Empty,
-    /// The source sent FIN.
-    Eof,
-}
-
-/// Splices what `src` has into the (empty) pipe and as much of it on into `dst` as `dst`
-/// takes now. Returns the chunk and, if bytes moved, how many reached `dst`.
-fn splice_step(src: &End<'_>, dst: &End<'_>, pipe: &Pipe) -> Result<(Chunk, usize), ConnError> {
-    let read = src.stream.try_io(Interest::READABLE, || {
-        splice(
-            src.stream,
-            None,
-            pipe.writer(),
-            None,
-            pipe.capacity(),
-            SPLICE_FLAGS,
-        )
-        .map_err(io::Error::from)
-    });
-    match classify_read(src, read)? {
-        Chunk::Moved(n) => Ok((
-            Chunk::Moved(n),
-            try_deliver(dst, 0, n, pipe_writer(pipe, dst))?,
-        )),
-        other => Ok((other, 0)),
-    }
-}
-
-/// Copies what `src` has (up to `buf.len()`) and sends as much of it as `dst` takes now.
-/// Returns the chunk and, if `dst` stalled, a copy of the bytes it did not take yet (the
-/// scratch buffer is shared by the thread's pumps, so it cannot hold them over an await).
-fn copy_step(
-    src: &End<'_>,
-    dst: &End<'_>,
-    buf: &mut [u8],
-) -> Result<(Chunk, Option<Undelivered>), ConnError> {
-    match classify_read(src, recv_draining(src.stream, buf, false))? {
-        Chunk::Moved(n) => {
-            let sent = try_deliver(dst, 0, n, buf_writer(&buf[..n], dst))?;
-            let rest = (sent < n).then(|| Box::from(&buf[sent..n]));
-            Ok((Chunk::Moved(n), rest))
-        }
-        other => Ok((other, None)),
-    }
-}
-
-/// Reads what `stream` has into `buf`, through tokio's readiness (`try_io`): `EAGAIN`
-/// clears the read readiness, and so does a short read, which proves the socket drained
-/// (`tcp_recvmsg` copies until the queue is empty; tokio's own `poll_read` relies on the
-/// same, tokio#5866) — saving the `EAGAIN` read a drain otherwise costs.
-///
-/// With no readiness recorded this is `WouldBlock` without a syscall, unless `eager`: then
-/// the socket is read anyway (a fresh socket whose bytes the poller has not reported yet).
-pub(super) fn recv_draining(stream: &TcpStream, buf: &mut [u8], eager: bool) -> io::Result<usize> {
-    let fd = stream.as_raw_fd();
-    let mut tried = false;
-    let mut drained = None;
-    let read = stream.try_io(Interest::READABLE, || {
-        tried = true;
-        let n = recv(fd, buf, MsgFlags::MSG_DONTWAIT)?;
-        if n > 0 && n < buf.len() {
-            // Report WouldBlock so tokio clears the readiness; the count goes via `drained`.
-            drained = Some(n);
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(n)
-    });
-    match (drained, tried) {
-        (Some(n), _) => Ok(n),
-        (None, false) if eager => Ok(recv(fd, buf, MsgFlags::MSG_DONTWAIT)?),
-        (None, _) => read,
-    }
-}
-
-/// Moves bytes from the pipe into `dst`: `(sent, n)` → a splice of the `n - sent` left.
-fn pipe_writer<'a>(
-    pipe: &'a Pipe,
-    dst: &'a End<'_>,
-) -> impl FnMut(usize, usize) -> io::Result<usize> + 'a {
-    move |sent, n| {
-        splice(
-            pipe.reader(),
-            None,
-            dst.stream,
-            None,
-            n - sent,
-            SPLICE_FLAGS,
-        )
-        .map_err(io::Error::from)
-    }
-}
-
-/// Sends bytes from `buf` into `dst`: `(sent, _)` → a send of `buf[sent..]`.
-fn buf_writer<'a>(
-    buf: &'a [u8],
-    dst: &'a End<'_>,
-) -> impl FnMut(usize, usize) -> io::Result<usize> + 'a {
-    move |sent, _| SockRef::from(dst.stream).send(&buf[sent..])
-}
-
-/// What a read of `src` returned, as a chunk: 0 is EOF, `EAGAIN` is "empty".
-fn classify_read(src: &End<'_>, read: io::Result<usize>) -> Result<Chunk, ConnError> {
-    match read {
-        Ok(0) => Ok(Chunk::Eof),
-        Ok(n) => Ok(Chunk::Moved(n)),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Chunk::Empty),
-        Err(source) => Err(src.fail(source)),
-    }
-}
-
-/// Writes to `dst` while it takes bytes: `write(sent, n)` moves the next ones (a splice
-/// from the pipe or a send from the buffer). Returns how many of the `n` are sent when `dst`
-/// filled up (`n` if all). Never waits.
-fn try_deliver(
-    dst: &End<'_>,
-    mut sent: usize,
-    n: usize,
-    mut write: impl FnMut(usize, usize) -> io::Result<usize>,
-) -> Result<usize, ConnError> {
-    while sent < n {
-        let mut filled = None;
-        let wrote = dst.stream.try_io(Interest::WRITABLE, || {
-            let k = write(sent, n)?;
-            if k > 0 && sent + k < n {
-                // Short: the send buffer is full. Clear the readiness now instead of
-                // paying for the EAGAIN write that would prove it (as tokio's poll_write).
-                filled = Some(k);
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok(k)
-        });
-        match filled.map_or(wrote, Ok) {
-            Ok(0) => return Err(dst.fail(io::ErrorKind::WriteZero.into())),
-            Ok(k) if filled.is_some() => return Ok(sent + k),
-            Ok(k) => sent += k,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(source) => return Err(dst.fail(source)),
-        }
-    }
-    Ok(sent)
-}
-
-/// Finishes a delivery that stalled: waits for `dst` (watching `src`), then writes more.
-async fn deliver(
-    src: &End<'_>,
-    dst: &End<'_>,
-    mut sent: usize,
-    n: usize,
-    mut write: impl FnMut(usize, usize) -> io::Result<usize>,
-) -> Result<(), ConnError> {
-    while sent < n {
-        wait_writable(src, dst).await?;
-        sent = try_deliver(dst, sent, n, &mut write)?;
-    }
-    Ok(())
-}
-
-/// Waits until `dst` can take more bytes, while watching `src` for a reset: with `dst`
-/// stalled and the other pump waiting on `dst` too, nothing else would notice `src` break.
-async fn wait_writable(src: &End<'_>, dst: &End<'_>) -> Result<(), ConnError> {
-    tokio::select! {
-        r = dst.stream.writable() => r.map_err(|source| dst.fail(source)),
-        r = src.stream.ready(Interest::ERROR) => {
-            let source = match r {
-                Err(e) => e,
-                Ok(_) => src
-                    .stream
-                    .take_error()
-                    .ok()
-                    .flatten()
-                    .unwrap_or_else(|| io::ErrorKind::ConnectionReset.into()),
+    /// One chunk through the scratch buffer: `recv`, then `send` what `dst` takes now; the
+    /// rest is copied out (the buffer is shared by the thread's pumps) into a stall.
+    fn copy(
+        &mut self,
+        i: usize,
+        src: End<'a>,
+        dst: End<'a>,
+        eager: bool,
+    ) -> Result<Option<Chunk>, ConnError> {
+        let activity = self.activity();
+        let (chunk, rest) = SCRATCH.with_borrow_mut(|buf| {
+            let (chunk, sent) = copy_step(&src, &dst, buf, eager, activity)?;
+            let rest = match chunk {
+                Chunk::Moved(n) if sent < n => Some(Box::<[u8]>::from(&buf[sent..n])),
+                _ => None,
             };
-            Err(src.fail(source))
+            Ok::<_, ConnError>((chunk, rest))
+        })?;
+        let pump = &mut self.pumps[i];
+        if let Chunk::Moved(n) = chunk {
+            pump.bulk = n >= COPY_CHUNK;
+            if let Some(rest) = rest {
+                pump.stall = Some(Box::pin(async move {
+                    let write = buf_writer(&rest, &dst);
+                    deliver(&src, &dst, 0, rest.len(), write, activity).await?;
+                    Ok((n, None))
+                }));
+                return Ok(None);
+            }
         }
+        Ok(Some(chunk))
     }
 }

@@ -5,8 +5,10 @@
 //! [`ProxyHandle`] reports the bound addresses, swaps the routing table, and shuts down
 //! gracefully: stop accepting, let connections finish up to the drain deadline, then close.
 
+mod connect;
 mod connection;
 mod forward;
+mod io;
 mod listener;
 mod pipe;
 pub mod sockopt;
@@ -23,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-pub use forward::Transfer;
+pub use forward::{Activity, Transfer};
 pub use pipe::DEFAULT_PIPE_SIZE;
 
 use crate::admin;
@@ -296,8 +298,10 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> Result<std::net::TcpListener,
     if reuse_port {
         socket.set_reuse_port(true).map_err(bind_err)?;
     }
-    // Accepted sockets inherit TCP_NODELAY from the listener: one syscall less per client.
+    // Accepted sockets inherit TCP_NODELAY, SO_OOBINLINE and TCP_INQ from the listener: no
+    // setsockopt per client.
     socket.set_tcp_nodelay(true).map_err(bind_err)?;
+    sockopt::set_stream_options(&socket).map_err(bind_err)?;
     socket.set_nonblocking(true).map_err(bind_err)?;
     socket.bind(&addr.into()).map_err(bind_err)?;
     socket.listen(LISTEN_BACKLOG).map_err(bind_err)?;
