@@ -124,6 +124,10 @@ pub struct RunArgs {
     /// Time connections get to finish after SIGTERM/SIGINT.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Splice pipes open at once (2 fds each); over it bulk transfers copy instead
+    /// (default: a quarter of --max-connections, within the fd limit; 0 never splices).
+    #[arg(long)]
+    pub max_pipes: Option<usize>,
     /// Worker threads, each with its own SO_REUSEPORT listener (default: one per core).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
@@ -146,6 +150,7 @@ impl RunArgs {
         c.splice = !self.no_splice;
         c.max_connections = self.max_connections;
         c.drain_timeout = self.drain_timeout;
+        c.max_pipes = self.max_pipes;
         c
     }
 }

@@ -140,6 +140,10 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Time connections get to finish on shutdown.
     pub drain_timeout: Duration,
+    /// Splice pipes open at once, process-wide (pooled ones included); over it a bulk
+    /// direction copies instead. `None`: a quarter of `max_connections`, within what the fd
+    /// limit leaves after the connections.
+    pub max_pipes: Option<usize>,
 }
 
 impl ProxyConfig {
@@ -158,6 +162,7 @@ impl ProxyConfig {
             splice: true,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            max_pipes: None,
         }
     }
 

@@ -361,7 +361,8 @@ mod size_tests {
             let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
             let f = serve(shared, c, CancellationToken::new());
             let size = std::mem::size_of_val(&f);
-            assert!(size <= 704, "a connection's future grew to {size} bytes");
+            // 712: +8 for the idle clock's view of the send queues (a slow reader is not idle).
+            assert!(size <= 712, "a connection's future grew to {size} bytes");
         });
     }
 }

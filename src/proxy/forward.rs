@@ -328,7 +328,7 @@ impl<'a> Forward<'a> {
         if !(pump.bulk && pump.splice) {
             return self.copy(i, src, dst, false);
         }
-        let pipe = match pump.held.take().map_or_else(pipe::acquire, Ok) {
+        let mut pipe = match pump.held.take().map_or_else(pipe::acquire, Ok) {
             Ok(p) => p,
             Err(_) => {
                 // No pipe (the pipe budget or the fd table is full): copy from now on.
@@ -350,6 +350,10 @@ impl<'a> Forward<'a> {
                 Ok((n, Some(pipe)))
             }));
             return Ok(None);
+        }
+        if n == pipe.capacity() {
+            // A splice filled the pipe, now empty again: a bulk flow; give it room.
+            pipe.grow();
         }
         pump.held = Some(pipe);
         Ok(Some(Chunk::Moved(n)))

@@ -36,8 +36,9 @@ use crate::metrics::Metrics;
 
 /// Listen backlog: the kernel queue absorbs bursts while the accept loop catches up.
 const LISTEN_BACKLOG: i32 = 4096;
-/// fds kept free for the listener, admin, logs and pipes when sizing `max_connections`.
-const FD_RESERVE: u64 = 64;
+/// fds kept free when sizing connections and pipes: listeners, the admin listener's
+/// connections (capped at 64), logs, the process's own files.
+const FD_RESERVE: u64 = 128;
 
 /// State shared by the accept loop and every connection task.
 pub(crate) struct Shared {
@@ -322,20 +323,45 @@ fn local_addr_of(listener: &TcpListener) -> Result<SocketAddr, Error> {
     })
 }
 
-/// Lowers `max_connections` if the fd limit cannot carry two sockets per connection.
+/// Sizes the connection cap and the pipe budget to the fd limit: each connection holds two
+/// sockets and each pipe two fds, and [`FD_RESERVE`] stays free for listeners, the admin
+/// listener's connections, logs and the process. Lowers `max_connections` (with a warning)
+/// only when they cannot all fit; fills in the pipe budget when it was not given, and sets it
+/// process-wide.
 fn fit_to_fd_limit(config: &mut ProxyConfig) {
-    let Ok(limit) = sockopt::fd_limit() else {
-        return;
-    };
-    let fit = usize::try_from(limit.saturating_sub(FD_RESERVE) / 2).unwrap_or(usize::MAX);
-    if config.max_connections > fit {
+    let limit = sockopt::fd_limit().unwrap_or(u64::MAX);
+    let pairs = usize::try_from(limit.saturating_sub(FD_RESERVE) / 2).unwrap_or(usize::MAX);
+    let (connections, pipes) = fit_budget(pairs, config.max_connections, config.max_pipes);
+    if connections < config.max_connections {
         warn!(
             requested = config.max_connections,
-            allowed = fit,
+            allowed = connections,
+            max_pipes = pipes,
             fd_limit = limit,
-            "max connections lowered to fit the fd limit (two sockets per connection)"
+            "max connections lowered to fit the fd limit (two sockets per connection, two fds per pipe)"
         );
-        config.max_connections = fit.max(1);
+    }
+    config.max_connections = connections;
+    config.max_pipes = Some(pipes);
+    pipe::set_limit(pipes);
+}
+
+/// Splits `pairs` fd pairs between connections and pipes: `(max_connections, max_pipes)`.
+/// A given pipe budget is kept (connections give way, never below 1); without one, pipes get
+/// a quarter of the connection cap if the fds allow, else what the fds leave — and if that
+/// is under an eighth, both shrink together to keep the quarter.
+fn fit_budget(pairs: usize, connections: usize, pipes: Option<usize>) -> (usize, usize) {
+    match pipes {
+        Some(p) => (connections.min(pairs.saturating_sub(p)).max(1), p),
+        None => {
+            let left = pairs.saturating_sub(connections);
+            if connections <= pairs && left >= connections / 8 {
+                (connections, left.min(connections / 4))
+            } else {
+                let c = (pairs * 4 / 5).clamp(1, connections);
+                (c, pairs.saturating_sub(c).min(c / 4))
+            }
+        }
     }
 }
 
@@ -365,10 +391,40 @@ fn log_settings(
         drain_timeout = ?config.drain_timeout,
         workers,
         fd_limit,
+        max_pipes = config.max_pipes.unwrap_or(0),
         pipe_size = DEFAULT_PIPE_SIZE,
+        max_pipe_size = pipe::MAX_PIPE_SIZE,
         "shardproxy started; limits and timeouts in force"
     );
 }
+#[cfg(test)]
+mod fit_tests {
+    use super::fit_budget;
+
+    #[test]
+    fn connections_and_pipes_share_the_fd_table() {
+        // 20000 fds, 128 reserved: 9936 pairs. The defaults fit without lowering anything.
+        assert_eq!(fit_budget(9936, 8192, None), (8192, 1744));
+        // The 512-fd case: 192 pairs. Both shrink, pipes a quarter of connections.
+        let (c, p) = fit_budget(192, 8192, None);
+        assert_eq!((c, p), (153, 38));
+        assert!(c + p <= 192);
+        // A given pipe budget is kept; connections give way.
+        assert_eq!(fit_budget(192, 8192, Some(100)), (92, 100));
+        assert_eq!(fit_budget(192, 50, Some(100)), (50, 100));
+        assert_eq!(fit_budget(192, 8192, Some(0)), (192, 0));
+        // Plenty of fds: a quarter of the cap.
+        assert_eq!(fit_budget(1_000_000, 1000, None), (1000, 250));
+        for pairs in [1, 2, 10, 100, 5000] {
+            for conns in [1, 7, 100, 8192] {
+                let (c, p) = fit_budget(pairs, conns, None);
+                assert!(c >= 1 && c <= conns, "{pairs} {conns}: {c}");
+                assert!(c + p <= pairs.max(1), "{pairs} {conns}: {c}+{p}");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 impl Shared {
     /// A `Shared` without a listener, for unit tests of the connection phases.
