@@ -48,6 +48,10 @@ pub const TABLE_FINGERPRINT: &str = "shardproxy_routing_table_fingerprint";
 pub const SPLICE_FALLBACKS: &str = "shardproxy_splice_fallbacks_total";
 /// File descriptors open in the process (sampled at scrape).
 pub const OPEN_FDS: &str = "shardproxy_open_fds";
+/// Splice pipes open in the process (in use or pooled; two fds each).
+pub const PIPES_OPEN: &str = "shardproxy_pipes_open";
+/// The process-wide pipe budget (`--max-pipes`).
+pub const PIPE_LIMIT: &str = "shardproxy_pipe_limit";
 /// The process's soft fd limit.
 pub const FD_LIMIT: &str = "shardproxy_fd_limit";
 
@@ -78,6 +82,8 @@ struct Inner {
     accept_other: Counter,
     splice_fallbacks: Counter,
     open_fds: Gauge,
+    pipes_open: Gauge,
+    pipe_limit: Gauge,
     fd_limit: Gauge,
     generation: Gauge,
     fingerprint: Gauge,
@@ -117,6 +123,8 @@ impl Metrics {
                 accept_other: counter(ACCEPT_ERRORS, &[("reason", "other")]),
                 splice_fallbacks: counter(SPLICE_FALLBACKS, &[]),
                 open_fds: gauge(OPEN_FDS),
+                pipes_open: gauge(PIPES_OPEN),
+                pipe_limit: gauge(PIPE_LIMIT),
                 fd_limit: gauge(FD_LIMIT),
                 generation: gauge(TABLE_GENERATION),
                 fingerprint: gauge(TABLE_FINGERPRINT),
@@ -128,6 +136,10 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric, with process gauges sampled now.
     pub fn render(&self) -> String {
+        self.inner.pipes_open.set(crate::proxy::pipes_open() as f64);
+        if let Some(limit) = Some(crate::proxy::pipe_limit()).filter(|l| *l != usize::MAX) {
+            self.inner.pipe_limit.set(limit as f64);
+        }
         if let Some(n) = count_open_fds() {
             self.inner.open_fds.set(n as f64);
         }
@@ -399,6 +411,16 @@ fn describe(r: &PrometheusRecorder) {
             "Routing table fingerprint (low 52 bits).",
         ),
         d(OPEN_FDS, None, "File descriptors open in the process."),
+        d(
+            PIPES_OPEN,
+            None,
+            "Splice pipes open in the process, in use or pooled.",
+        ),
+        d(
+            PIPE_LIMIT,
+            None,
+            "Splice pipes allowed at once (--max-pipes).",
+        ),
         d(FD_LIMIT, None, "Soft limit on open file descriptors."),
     ];
     for (name, unit, help) in gauges {

@@ -27,6 +27,7 @@ use tracing::{error, info, warn};
 
 pub use forward::{Activity, Transfer};
 pub use pipe::DEFAULT_PIPE_SIZE;
+pub(crate) use pipe::{limit as pipe_limit, open_count as pipes_open};
 
 use crate::admin;
 use crate::backend::RoutingTable;
@@ -398,6 +399,20 @@ fn log_settings(
     );
 }
 #[cfg(test)]
+impl Shared {
+    /// A `Shared` without a listener, for unit tests of the connection phases.
+    pub(crate) fn for_tests(config: ProxyConfig, table: RoutingTable, metrics: Metrics) -> Self {
+        Shared {
+            limit: Arc::new(Semaphore::new(1)),
+            table: ArcSwap::from_pointee(table),
+            metrics,
+            next_generation: AtomicU64::new(2),
+            config,
+        }
+    }
+}
+
+#[cfg(test)]
 mod fit_tests {
     use super::fit_budget;
 
@@ -421,20 +436,6 @@ mod fit_tests {
                 assert!(c >= 1 && c <= conns, "{pairs} {conns}: {c}");
                 assert!(c + p <= pairs.max(1), "{pairs} {conns}: {c}+{p}");
             }
-        }
-    }
-}
-
-#[cfg(test)]
-impl Shared {
-    /// A `Shared` without a listener, for unit tests of the connection phases.
-    pub(crate) fn for_tests(config: ProxyConfig, table: RoutingTable, metrics: Metrics) -> Self {
-        Shared {
-            limit: Arc::new(Semaphore::new(1)),
-            table: ArcSwap::from_pointee(table),
-            metrics,
-            next_generation: AtomicU64::new(2),
-            config,
         }
     }
 }

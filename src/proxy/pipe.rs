@@ -53,7 +53,7 @@ pub fn limit() -> usize {
     LIMIT.load(Ordering::Relaxed)
 }
 
-/// Pipes open now (in use or pooled).
+/// Pipes open now (in use or pooled): the `shardproxy_pipes_open` gauge.
 pub fn open_count() -> usize {
     OPEN.load(Ordering::Relaxed)
 }
