@@ -255,9 +255,10 @@ pub fn chart(
         None,
     )?;
 
-    // (d) idle memory per connection.
+    // (d) idle memory per connection (the floor relay does not run idle).
     let series: Vec<_> = proxies
         .iter()
+        .filter(|t| crate::runs_for(Scenario::Idle, t))
         .map(|t| {
             (
                 label(t),
