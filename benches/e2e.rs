@@ -1,4 +1,5 @@
-//! End-to-end benchmark harness: shardproxy against HAProxy and against no proxy at all.
+//! End-to-end benchmark harness: shardproxy against HAProxy, against a minimal blocking splice
+//! relay (the floor: what any relay pays on this kernel) and against no proxy at all.
 //!
 //! Run it through `scripts/bench.sh` (installs HAProxy if missing, builds, runs), or as
 //! `cargo bench --bench e2e -- [FLAGS]`; `--help` lists the flags.
@@ -9,17 +10,19 @@
 //! 2. for each round, for each scenario, for each target — **direct** (the client connects to
 //!    the backend `shardproxy::Router` picks for the key and sends the same header),
 //!    **shardproxy** (`--workers N`) and **HAProxy** (`nbthread N`), at N = 1 and at the
-//!    defaults — starts a fresh proxy, runs the scenario with the same client code, reads the
-//!    proxy's CPU time and peak RSS from `/proc`, and stops the proxy. The target order rotates
-//!    by round, so drift of the machine hits every target alike;
+//!    defaults — and the **floor** relay (see [`floor`]; two threads per connection, so it
+//!    skips `idle`) — starts a fresh proxy, runs the scenario with the same client code, reads
+//!    the proxy's CPU time and peak RSS from `/proc`, and stops the proxy. The target order
+//!    rotates by round, so drift of the machine hits every target alike;
 //! 3. checks that every key was answered by the same backend every time, per proxy kind
-//!    (and, for direct and shardproxy, by the backend `Router::pick` names), so a proxy that
-//!    silently falls back to round-robin fails the run;
+//!    (and, for direct, shardproxy and the floor, by the backend `Router::pick` names), so a
+//!    proxy that silently falls back to round-robin fails the run;
 //! 4. writes `results.md`, `chart.svg` and `samples.csv` to `bench-results/<UTC time>/` and
-//!    copies them to `bench-results/latest/`.
+//!    points the symlink `bench-results/latest` (git-ignored) at that folder.
 //!
 //! Scenarios: `bulk1` (one connection, backend → client), `echo1` (one connection, both ways),
-//! `rr32`/`rr1` (32/1 persistent connections, 64-byte request/response), `cps32` (32 clients:
+//! `pingup` (the client uploads flat out while the backend sends an 8-byte timestamped ping
+//! every 20 ms on the same connection: how long pings wait behind the upload), `rr32`/`rr1` (32/1 persistent connections, 64-byte request/response), `cps32` (32 clients:
 //! connect, header, one 64-byte echo, close), `idle` (N established idle connections held
 //! through the proxy: RSS and fds per connection).
 
@@ -27,6 +30,8 @@
 mod backend;
 #[path = "e2e/chart.rs"]
 mod chart;
+#[path = "e2e/floor.rs"]
+mod floor;
 #[path = "e2e/procs.rs"]
 mod procs;
 #[path = "e2e/report.rs"]
@@ -52,7 +57,8 @@ use scenarios::{Route, Scenario, Settings};
 #[derive(Debug, Parser)]
 #[command(
     name = "e2e",
-    about = "End-to-end benchmark: direct vs shardproxy vs HAProxy, interleaved rounds"
+    about = "End-to-end benchmark: direct vs shardproxy vs HAProxy vs a floor relay, \
+             interleaved rounds"
 )]
 struct Args {
     /// Short smoke run: 1 round, small transfers, short windows, 1000 idle connections.
@@ -61,10 +67,12 @@ struct Args {
     /// Rounds (default 3; 1 with --quick).
     #[arg(long)]
     rounds: Option<usize>,
-    /// Scenarios to run, comma-separated: bulk1,echo1,rr32,rr1,cps32,idle (default: all).
+    /// Scenarios to run, comma-separated: bulk1,echo1,pingup,rr32,rr1,cps32,idle (default:
+    /// all).
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
-    /// Proxies to compare with direct, comma-separated: shardproxy,haproxy (default: both).
+    /// Proxies to compare with direct, comma-separated: shardproxy,haproxy,floor (default:
+    /// all three; floor is the minimal blocking splice relay, one thread count only).
     #[arg(long, value_delimiter = ',')]
     proxies: Vec<String>,
     /// Proxy thread counts, comma-separated: numbers and/or `default` (default: 1,default).
@@ -83,10 +91,14 @@ struct Args {
     /// echo1 size in MiB each way (default 1024; 128 with --quick).
     #[arg(long)]
     echo_mib: Option<u64>,
+    /// pingup upload time in seconds (default 4; 1 with --quick).
+    #[arg(long)]
+    pingup_secs: Option<f64>,
     /// idle connections (default 5000; 1000 with --quick).
     #[arg(long)]
     idle_conns: Option<usize>,
-    /// Results folder: each run writes `<out>/<UTC time>/` and refreshes `<out>/latest/`.
+    /// Results folder: each run writes `<out>/<UTC time>/` and points the symlink
+    /// `<out>/latest` at it.
     #[arg(long)]
     out: Option<PathBuf>,
     /// HAProxy binary.
@@ -112,6 +124,8 @@ struct Args {
 pub enum Kind {
     /// No proxy.
     Direct,
+    /// The floor relay (blocking splice, two threads per connection).
+    Floor,
     /// shardproxy.
     Shardproxy,
     /// HAProxy.
@@ -123,6 +137,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Direct => "direct",
+            Kind::Floor => "floor",
             Kind::Shardproxy => "shardproxy",
             Kind::Haproxy => "haproxy",
         }
@@ -143,6 +158,7 @@ impl Target {
     pub fn id(&self) -> String {
         match (self.kind, self.threads) {
             (Kind::Direct, _) => "direct".into(),
+            (Kind::Floor, _) => "floor".into(),
             (k, Some(n)) => format!("{}@{n}", k.name()),
             (k, None) => format!("{}@default", k.name()),
         }
@@ -152,6 +168,7 @@ impl Target {
     pub fn threads_label(&self) -> String {
         match (self.kind, self.threads) {
             (Kind::Direct, _) => "-".into(),
+            (Kind::Floor, _) => "2/conn".into(),
             (_, Some(n)) => format!("N={n}"),
             (_, None) => "default".into(),
         }
@@ -162,6 +179,9 @@ fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
     if argv.get(1).map(String::as_str) == Some(backend::ROLE_ARG) {
         backend::main(&argv[2..]);
+    }
+    if argv.get(1).map(String::as_str) == Some(floor::ROLE_ARG) {
+        floor::main(&argv[2..]);
     }
     if argv.len() == 1 {
         // `cargo test --benches` / `--all-targets` runs bench binaries with no arguments
@@ -192,6 +212,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
         echo_bytes: args.echo_mib.unwrap_or(if q { 128 } else { 1024 }).max(1) << 20,
         duration: secs(args.duration.unwrap_or(if q { 0.5 } else { 2.0 })),
         warmup: secs(args.warmup.unwrap_or(if q { 0.1 } else { 0.3 })),
+        pingup: secs(args.pingup_secs.unwrap_or(if q { 1.0 } else { 4.0 })).max(secs(0.1)),
         idle_conns: args
             .idle_conns
             .unwrap_or(if q { 1000 } else { 5000 })
@@ -206,13 +227,14 @@ fn run(args: Args) -> Result<ExitCode, String> {
             .collect::<Result<_, _>>()?
     };
     let kinds: Vec<Kind> = if args.proxies.is_empty() {
-        vec![Kind::Shardproxy, Kind::Haproxy]
+        vec![Kind::Shardproxy, Kind::Haproxy, Kind::Floor]
     } else {
         args.proxies
             .iter()
             .map(|p| match p.trim() {
                 "shardproxy" => Ok(Kind::Shardproxy),
                 "haproxy" => Ok(Kind::Haproxy),
+                "floor" => Ok(Kind::Floor),
                 other => Err(format!("unknown proxy {other:?}")),
             })
             .collect::<Result<_, _>>()?
@@ -237,8 +259,14 @@ fn run(args: Args) -> Result<ExitCode, String> {
         kind: Kind::Direct,
         threads: None,
     }];
+    if kinds.contains(&Kind::Floor) {
+        targets.push(Target {
+            kind: Kind::Floor,
+            threads: None,
+        });
+    }
     for t in &threads {
-        for k in &kinds {
+        for k in kinds.iter().filter(|k| **k != Kind::Floor) {
             targets.push(Target {
                 kind: *k,
                 threads: *t,
@@ -289,7 +317,11 @@ fn run(args: Args) -> Result<ExitCode, String> {
     let router =
         Router::new(names.iter().map(|n| (n.as_str(), 1))).map_err(|e| format!("router: {e}"))?;
 
-    let total = (rounds * scenario_list.len() * targets.len()) as u64;
+    let per_round = scenario_list
+        .iter()
+        .map(|sc| targets.iter().filter(|t| runs_for(*sc, t)).count())
+        .sum::<usize>();
+    let total = (rounds * per_round) as u64;
     let progress = Progress::new(total, args.no_progress);
     progress.line(format!(
         "e2e: {rounds} round(s) × {} scenario(s) × {} target(s) → {}",
@@ -303,7 +335,11 @@ fn run(args: Args) -> Result<ExitCode, String> {
     let mut checker = RoutingCheck::default();
     for round in 1..=rounds {
         for &scenario in &scenario_list {
-            let mut order = targets.clone();
+            let mut order: Vec<Target> = targets
+                .iter()
+                .copied()
+                .filter(|t| runs_for(scenario, t))
+                .collect();
             let shift = (round - 1) % order.len();
             order.rotate_left(shift);
             for target in order {
@@ -368,8 +404,8 @@ fn run(args: Args) -> Result<ExitCode, String> {
     std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
     report::write_all(&out_dir, &ctx, &runs).map_err(|e| format!("writing results: {e}"))?;
     let latest = out_base.join("latest");
-    let _ = std::fs::remove_dir_all(&latest);
-    copy_dir(&out_dir, &latest).map_err(|e| format!("refreshing {}: {e}", latest.display()))?;
+    point_latest(&latest, Path::new(&stamp.0))
+        .map_err(|e| format!("pointing {} at {}: {e}", latest.display(), stamp.0))?;
     let md = std::fs::read_to_string(out_dir.join("results.md")).unwrap_or_default();
     println!("{md}");
     println!("results: {}", out_dir.display());
@@ -429,6 +465,13 @@ fn run_one(
                 return run;
             }
         },
+        Kind::Floor => match Proxy::floor(backends, &scratch.join("floor.log")) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                run.result = Err(format!("starting the floor relay: {e}"));
+                return run;
+            }
+        },
     };
     let route = match &proxy {
         None => Route::Direct {
@@ -470,7 +513,7 @@ impl RoutingCheck {
                 .push(format!("{}: {c} (same run)", kind.name()));
         }
         for (key, &id) in &m.seen {
-            if matches!(kind, Kind::Direct | Kind::Shardproxy) {
+            if matches!(kind, Kind::Direct | Kind::Shardproxy | Kind::Floor) {
                 let want = router.pick(key.as_bytes()).map(|i| b'0' + i as u8);
                 if want != Some(id) {
                     self.violations.push(format!(
@@ -500,7 +543,7 @@ impl RoutingCheck {
     /// sends every key to one backend.
     fn summary(&mut self, names: &[String]) -> Vec<String> {
         let mut lines = Vec::new();
-        for kind in [Kind::Direct, Kind::Shardproxy, Kind::Haproxy] {
+        for kind in [Kind::Direct, Kind::Floor, Kind::Shardproxy, Kind::Haproxy] {
             let mut per = vec![0usize; names.len()];
             for ((k, _), id) in &self.seen {
                 if *k == kind {
@@ -651,13 +694,21 @@ fn reproduce_command() -> String {
     }
 }
 
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        if entry.file_type()?.is_file() {
-            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
-        }
+/// Whether `target` runs `scenario`: the floor relay skips `idle` (two threads and six fds
+/// per connection: 5000 idle connections would be 10000 threads and 30000 fds, over the
+/// 20000 fd limit this harness is built for).
+pub fn runs_for(scenario: Scenario, target: &Target) -> bool {
+    !(scenario == Scenario::Idle && target.kind == Kind::Floor)
+}
+
+/// Points the symlink `latest` at `dir` (a name relative to the symlink's folder), replacing
+/// an older symlink — or an older copied folder of that name.
+fn point_latest(latest: &Path, dir: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(latest) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(latest)?,
+        Ok(_) => std::fs::remove_file(latest)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
-    Ok(())
+    std::os::unix::fs::symlink(dir, latest)
 }

@@ -11,6 +11,7 @@
 //! |----------------|--------------------------------------------------------------------|
 //! | `src:N[:...]`  | write N bytes from a shared 1 MiB buffer, FIN, wait for the client's FIN |
 //! | `echo[:...]`   | echo every byte until FIN (bytes after the header included), then FIN |
+//! | `pingup[:...]` | count bytes until FIN while sending an 8-byte ping (its `CLOCK_MONOTONIC` send time, ns, LE) every 20 ms; then `u64::MAX` and the byte count (LE), FIN |
 //! | `ping[:...]`   | read 64 bytes, answer the id and those bytes, close first          |
 //! | `idle[:...]`   | park the socket (no thread, no reads) until `ctl:drop`             |
 //! | `ctl:drop`     | close every parked socket in the process, answer one more byte `k` |
@@ -25,9 +26,9 @@
 
 use std::io::{self, BufRead, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use shardproxy::{HeaderFormat, Parse};
 
@@ -44,6 +45,19 @@ const MAX_SPARE: usize = 48;
 const STACK: usize = 256 * 1024;
 /// A stuck peer cannot pin a worker forever.
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Interval between two pings of `pingup` mode.
+const PING_EVERY: Duration = Duration::from_millis(20);
+/// What `pingup` mode sends before the byte count, instead of a ping's timestamp.
+pub const PINGUP_END: u64 = u64::MAX;
+
+/// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process on the machine, so a
+/// timestamp the backends process writes can be compared with the client's reading.
+pub fn mono_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    })
+}
 
 /// Sockets of `idle` connections, across all listeners.
 static PARKED: Mutex<Vec<TcpStream>> = Mutex::new(Vec::new());
@@ -193,6 +207,38 @@ fn serve(mut s: TcpStream, id: u8, buf: &mut Vec<u8>) -> io::Result<()> {
             }
             s.shutdown(Shutdown::Write)
         }
+        "pingup" => {
+            s.write_all(&[id])?;
+            let pinger = s.try_clone()?;
+            let stop = Arc::new(AtomicBool::new(false));
+            let stop2 = stop.clone();
+            let pings = std::thread::Builder::new()
+                .stack_size(STACK)
+                .spawn(move || ping_every(pinger, &stop2))?;
+            if buf.len() < BUF {
+                buf.resize(BUF, 0);
+            }
+            let mut count = rest.len() as u64;
+            let read = loop {
+                match s.read(buf) {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => count += n as u64,
+                    Err(e) => break Err(e),
+                }
+            };
+            stop.store(true, Ordering::SeqCst);
+            let pinged = pings
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("pinger panicked")));
+            read?;
+            pinged?;
+            let mut end = [0u8; 16];
+            end[..8].copy_from_slice(&PINGUP_END.to_le_bytes());
+            end[8..].copy_from_slice(&count.to_le_bytes());
+            s.write_all(&end)?;
+            s.shutdown(Shutdown::Write)?;
+            drain(&mut s, buf)
+        }
         "ping" => {
             // One 64-byte echo, then this side closes first, so TIME_WAIT stays on the
             // server side of every connection and no client or proxy ephemeral port piles up.
@@ -220,6 +266,25 @@ fn serve(mut s: TcpStream, id: u8, buf: &mut Vec<u8>) -> io::Result<()> {
             io::ErrorKind::InvalidData,
             format!("unknown key mode {key:?}"),
         )),
+    }
+}
+
+/// `pingup`'s pinger: every 20 ms (missed ticks skipped, not bunched up) its send time.
+fn ping_every(mut s: TcpStream, stop: &AtomicBool) -> io::Result<()> {
+    let mut next = Instant::now() + PING_EVERY;
+    loop {
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        }
+        if stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        s.write_all(&mono_ns().to_le_bytes())?;
+        let now = Instant::now();
+        while next <= now {
+            next += PING_EVERY;
+        }
     }
 }
 

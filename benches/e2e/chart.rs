@@ -1,5 +1,5 @@
-//! `chart.svg` (plotters): throughput ÷ direct, rr1 latency, proxy CPU per GiB and idle
-//! memory per connection, one bar per target.
+//! `chart.svg` (plotters): throughput ÷ direct, rr1 latency, proxy CPU per GiB, idle memory
+//! per connection, pingup ping delay and throughput ÷ the floor relay, one bar per target.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,12 +10,14 @@ use crate::report::{target_label, Agg, Context};
 use crate::scenarios::Scenario;
 use crate::{Kind, Target};
 
-const COLORS: [RGBColor; 5] = [
+const COLORS: [RGBColor; 7] = [
     RGBColor(90, 90, 90),
+    RGBColor(148, 103, 189),
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
     RGBColor(214, 39, 40),
+    RGBColor(140, 86, 75),
 ];
 
 fn color_of(t: &Target, ctx: &Context) -> RGBColor {
@@ -136,16 +138,16 @@ pub fn chart(
     ctx: &Context,
     aggs: &BTreeMap<(Scenario, Target), Agg>,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let root = SVGBackend::new(path, (1400, 1000)).into_drawing_area();
+    let root = SVGBackend::new(path, (1400, 1450)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled(
         &format!(
-            "shardproxy vs HAProxy vs direct — {} ({} rounds, medians)",
+            "shardproxy vs HAProxy vs floor relay vs direct — {} ({} rounds, medians)",
             ctx.date, ctx.rounds
         ),
         ("sans-serif", 20),
     )?;
-    let panels = root.split_evenly((2, 2));
+    let panels = root.split_evenly((3, 2));
     let proxies: Vec<Target> = ctx
         .targets
         .iter()
@@ -160,6 +162,7 @@ pub fn chart(
     let tput: Vec<Scenario> = [
         Scenario::Bulk1,
         Scenario::Echo1,
+        Scenario::Pingup,
         Scenario::Rr32,
         Scenario::Rr1,
         Scenario::Cps32,
@@ -223,7 +226,7 @@ pub fn chart(
     )?;
 
     // (c) CPU per GiB.
-    let cpu_sc: Vec<Scenario> = [Scenario::Bulk1, Scenario::Echo1]
+    let cpu_sc: Vec<Scenario> = [Scenario::Bulk1, Scenario::Echo1, Scenario::Pingup]
         .into_iter()
         .filter(|s| ctx.scenarios.contains(s))
         .collect();
@@ -252,9 +255,10 @@ pub fn chart(
         None,
     )?;
 
-    // (d) idle memory per connection.
+    // (d) idle memory per connection (the floor relay does not run idle).
     let series: Vec<_> = proxies
         .iter()
+        .filter(|t| crate::runs_for(Scenario::Idle, t))
         .map(|t| {
             (
                 label(t),
@@ -275,6 +279,69 @@ pub fn chart(
         &["idle".to_string()],
         &series,
         Some(2.0),
+    )?;
+
+    // (e) pingup ping delay.
+    let mut groups = Vec::new();
+    let mut cols: Vec<usize> = Vec::new();
+    if ctx.scenarios.contains(&Scenario::Pingup) {
+        for (i, p) in ["p50", "p99", "max"].iter().enumerate() {
+            groups.push(format!("ping {p}"));
+            cols.push(i);
+        }
+    }
+    let series: Vec<_> = ctx
+        .targets
+        .iter()
+        .map(|t| {
+            (
+                label(t),
+                color_of(t, ctx),
+                cols.iter()
+                    .map(|i| get(Scenario::Pingup, t, &|a| a.ping[*i].map(|us| us / 1000.0)))
+                    .collect(),
+            )
+        })
+        .collect();
+    bars(
+        &panels[4],
+        "pingup: 20 ms pings backend → client during a flat-out upload, delay (lower is better)",
+        "ms",
+        &groups,
+        &series,
+        None,
+    )?;
+
+    // (f) throughput ÷ the floor relay.
+    let vs_floor: Vec<Scenario> = if ctx.targets.iter().any(|t| t.kind == Kind::Floor) {
+        tput.clone()
+    } else {
+        Vec::new()
+    };
+    let series: Vec<_> = proxies
+        .iter()
+        .filter(|t| t.kind != Kind::Floor)
+        .map(|t| {
+            (
+                label(t),
+                color_of(t, ctx),
+                vs_floor
+                    .iter()
+                    .map(|s| get(*s, t, &|a| a.floor_ratio))
+                    .collect(),
+            )
+        })
+        .collect();
+    bars(
+        &panels[5],
+        "throughput ÷ floor relay (higher is better; line = floor)",
+        "× floor",
+        &vs_floor
+            .iter()
+            .map(|s| s.name().to_string())
+            .collect::<Vec<_>>(),
+        &series,
+        Some(1.0),
     )?;
     root.present()?;
     Ok(())

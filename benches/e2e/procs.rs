@@ -1,10 +1,10 @@
-//! Child processes of the harness — the backends process, shardproxy, HAProxy — and what
-//! the harness reads about them from `/proc`.
+//! Child processes of the harness — the backends process, shardproxy, HAProxy, the floor
+//! relay — and what the harness reads about them from `/proc`.
 //!
 //! Every child is registered in a global table; its guard kills (SIGKILL) and reaps it on
 //! drop, including while unwinding from a panic, and a signal thread kills every registered
-//! child on SIGINT/SIGTERM before exiting. The backends process also exits by itself when its
-//! stdin (a pipe the harness holds) closes.
+//! child on SIGINT/SIGTERM before exiting. The backends process and the floor relay also exit
+//! by themselves when their stdin (a pipe the harness holds) closes.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -187,6 +187,8 @@ pub struct Proxy {
     pub addr: SocketAddr,
     guard: Guard,
     _stdout: Option<BufReader<ChildStdout>>,
+    // The floor relay exits when this closes.
+    _stdin: Option<ChildStdin>,
 }
 
 impl Proxy {
@@ -224,6 +226,37 @@ impl Proxy {
             addr,
             guard,
             _stdout: Some(reader),
+            _stdin: None,
+        })
+    }
+
+    /// Starts the floor relay (see [`crate::floor`]): a re-exec of this binary as
+    /// `__floor-relay b1=ADDR ...`.
+    pub fn floor(backends: &Backends, log: &Path) -> io::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut cmd = Command::new(exe);
+        cmd.arg(crate::floor::ROLE_ARG);
+        for (name, addr) in backends.names().iter().zip(&backends.addrs) {
+            cmd.arg(format!("{name}={addr}"));
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(fs::File::create(log)?))
+            .spawn()?;
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let guard = Guard::register(child);
+        let (line, reader) = first_line(stdout, &guard).map_err(|e| with_log(e, log))?;
+        let addr = line
+            .strip_prefix("listening on ")
+            .and_then(|a| a.trim().parse::<SocketAddr>().ok())
+            .ok_or_else(|| io::Error::other(format!("unexpected floor-relay line {line:?}")))?;
+        Ok(Proxy {
+            addr,
+            guard,
+            _stdout: Some(reader),
+            _stdin: Some(stdin),
         })
     }
 
@@ -270,6 +303,7 @@ impl Proxy {
             addr,
             guard,
             _stdout: None,
+            _stdin: None,
         })
     }
 
@@ -350,8 +384,9 @@ fn with_log(e: io::Error, log: &Path) -> io::Error {
 /// What `/proc` says about a process.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProcStat {
-    /// On-CPU seconds of the process: the sum of its threads' `schedstat` run time
-    /// (nanosecond resolution), or utime + stime in ticks when that is unavailable.
+    /// On-CPU seconds of the process, threads that already exited included: its CPU-time
+    /// clock (`clock_getcpuclockid`, nanoseconds), else the sum of its live threads'
+    /// `schedstat` run time, else utime + stime in ticks.
     pub cpu_s: f64,
     /// Resident set, KiB.
     pub rss_kib: u64,
@@ -377,7 +412,9 @@ pub fn proc_stat(pid: u32) -> io::Result<ProcStat> {
             .unwrap_or(0) as f64
     };
     // utime is field 14, stime field 15: indices 11 and 12 counted from field 3.
-    let cpu_s = schedstat_cpu(pid).unwrap_or((tick(11) + tick(12)) / CLK_TCK);
+    let cpu_s = process_cpu(pid)
+        .or_else(|| schedstat_cpu(pid))
+        .unwrap_or((tick(11) + tick(12)) / CLK_TCK);
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib = |name: &str| -> u64 {
         status
@@ -393,6 +430,16 @@ pub fn proc_stat(pid: u32) -> io::Result<ProcStat> {
         hwm_kib: kib("VmHWM:"),
         threads: kib("Threads:"),
     })
+}
+
+/// The process's CPU-time clock: the kernel's sum of `sum_exec_runtime` over all its threads,
+/// those that already exited included (the floor relay's threads live one connection each),
+/// in nanoseconds — the same basis as `schedstat`.
+fn process_cpu(pid: u32) -> Option<f64> {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).ok()?);
+    let clock = nix::time::ClockId::pid_cpu_clock_id(pid).ok()?;
+    let t = nix::time::clock_gettime(clock).ok()?;
+    Some(t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
 }
 
 /// Sum over the process's threads of `/proc/<pid>/task/<tid>/schedstat`'s first field (ns

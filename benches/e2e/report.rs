@@ -2,9 +2,9 @@
 //! `chart.svg` (plotters).
 //!
 //! Ratios are paired by round: the median over rounds of (target ÷ direct in the same round),
-//! so drift between rounds cancels. CPU is the proxy's utime + stime over the measured
-//! window; peak RSS is its VmHWM (the proxy is restarted for every run, so that is the run's
-//! peak).
+//! and of (target ÷ floor relay in the same round), so drift between rounds cancels. CPU is
+//! the proxy's on-CPU time over the measured window; peak RSS is its VmHWM (the proxy is
+//! restarted for every run, so that is the run's peak).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -82,6 +82,15 @@ pub fn run_line(r: &Run) -> String {
             if let Some([p50, p99, p999]) = m.lat_us {
                 let _ = write!(s, "  p50/p99/p99.9 {p50:.0}/{p99:.0}/{p999:.0} µs");
             }
+            if let Some([p50, p99, max]) = m.ping_us {
+                let _ = write!(
+                    s,
+                    "  ping p50/p99/max {:.1}/{:.1}/{:.1} ms",
+                    p50 / 1000.0,
+                    p99 / 1000.0,
+                    max / 1000.0
+                );
+            }
             if let Some(b) = m.rss_per_conn {
                 let _ = write!(s, "  {b:.0} B/conn");
             }
@@ -138,6 +147,12 @@ pub struct Agg {
     pub range: Option<(f64, f64)>,
     /// Median of per-round target ÷ direct.
     pub ratio: Option<f64>,
+    /// Median of per-round target ÷ floor relay.
+    pub floor_ratio: Option<f64>,
+    /// Median of per-round (proxy CPU per unit ÷ the floor relay's CPU per unit).
+    pub cpu_vs_floor: Option<f64>,
+    /// pingup: ping delay, µs: p50, p99, max (each the median over rounds).
+    pub ping: [Option<f64>; 3],
     /// Latency percentiles, µs.
     pub lat: [Option<f64>; 3],
     /// Median of per-round (p50 − direct p50), µs.
@@ -158,13 +173,29 @@ pub struct Agg {
     pub threads: Option<u64>,
 }
 
+/// Proxy CPU per unit of the scenario: seconds per GiB forwarded (bulk1, echo1, pingup),
+/// µs per request or connection (rr, cps, idle).
+fn cpu_per_unit(scenario: Scenario, m: &Measured) -> Option<f64> {
+    match scenario {
+        Scenario::Bulk1 | Scenario::Echo1 | Scenario::Pingup if m.bytes > 0 => {
+            Some(m.cpu_s? / (m.bytes as f64 / (1u64 << 30) as f64))
+        }
+        Scenario::Rr32 | Scenario::Rr1 | Scenario::Cps32 | Scenario::Idle if m.ops > 0 => {
+            Some(m.cpu_s? * 1e6 / m.ops as f64)
+        }
+        _ => None,
+    }
+}
+
 /// Aggregates every (scenario, target).
 pub fn aggregate(runs: &[Run]) -> BTreeMap<(Scenario, Target), Agg> {
-    let direct = |scenario: Scenario, round: usize| {
+    let same_round = |kind: Kind, scenario: Scenario, round: usize| {
         runs.iter()
-            .find(|r| r.scenario == scenario && r.round == round && r.target.kind == Kind::Direct)
+            .find(|r| r.scenario == scenario && r.round == round && r.target.kind == kind)
             .and_then(|r| r.result.as_ref().ok())
     };
+    let direct = |scenario: Scenario, round: usize| same_round(Kind::Direct, scenario, round);
+    let floor = |scenario: Scenario, round: usize| same_round(Kind::Floor, scenario, round);
     let mut groups: BTreeMap<(Scenario, Target), Vec<&Run>> = BTreeMap::new();
     for r in runs {
         groups.entry((r.scenario, r.target)).or_default().push(r);
@@ -198,6 +229,17 @@ pub fn aggregate(runs: &[Run]) -> BTreeMap<(Scenario, Target), Agg> {
                     .filter(|d| d.figure > 0.0)
                     .map(|d| m.figure / d.figure)
             }),
+            floor_ratio: col(&|round, m, _| {
+                floor(scenario, round)
+                    .filter(|f| f.figure > 0.0)
+                    .map(|f| m.figure / f.figure)
+            }),
+            cpu_vs_floor: col(&|round, m, _| {
+                let f = cpu_per_unit(scenario, floor(scenario, round)?)?;
+                let c = cpu_per_unit(scenario, m)?;
+                (f > 0.0).then(|| c / f)
+            }),
+            ping: [0, 1, 2].map(|i| col(&|_, m, _| m.ping_us.map(|l| l[i]))),
             lat: [0, 1, 2].map(|i| col(&|_, m, _| m.lat_us.map(|l| l[i]))),
             p50_delta: col(&|round, m, _| {
                 let d = direct(scenario, round)?.lat_us?[0];
@@ -205,14 +247,12 @@ pub fn aggregate(runs: &[Run]) -> BTreeMap<(Scenario, Target), Agg> {
             }),
             cpu_s: col(&|_, m, _| m.cpu_s),
             cpu_per_gib: col(&|_, m, _| match scenario {
-                Scenario::Bulk1 | Scenario::Echo1 if m.bytes > 0 => {
-                    Some(m.cpu_s? / (m.bytes as f64 / (1u64 << 30) as f64))
-                }
+                Scenario::Bulk1 | Scenario::Echo1 | Scenario::Pingup => cpu_per_unit(scenario, m),
                 _ => None,
             }),
             cpu_us_per_op: col(&|_, m, _| match scenario {
-                Scenario::Rr32 | Scenario::Rr1 | Scenario::Cps32 | Scenario::Idle if m.ops > 0 => {
-                    Some(m.cpu_s? * 1e6 / m.ops as f64)
+                Scenario::Rr32 | Scenario::Rr1 | Scenario::Cps32 | Scenario::Idle => {
+                    cpu_per_unit(scenario, m)
                 }
                 _ => None,
             }),
@@ -248,6 +288,7 @@ fn default_threads() -> usize {
 pub fn target_label(t: &Target, aggs: &BTreeMap<(Scenario, Target), Agg>) -> String {
     match (t.kind, t.threads) {
         (Kind::Direct, _) => "direct".into(),
+        (Kind::Floor, _) => "floor relay".into(),
         (k, Some(n)) => format!("{} N={n}", k.name()),
         (k, None) => {
             let _ = aggs;
@@ -309,17 +350,23 @@ fn markdown(ctx: &Context, runs: &[Run], aggs: &BTreeMap<(Scenario, Target), Agg
     let _ = writeln!(
         md,
         "| sizes | bulk1 {} MiB; echo1 {} MiB each way; rr/cps window {:.1} s after {:.1} s \
-         warm-up; idle {} connections |",
+         warm-up; pingup {:.1} s upload; idle {} connections |",
         s.bulk_bytes >> 20,
         s.echo_bytes >> 20,
         s.duration.as_secs_f64(),
         s.warmup.as_secs_f64(),
+        s.pingup.as_secs_f64(),
         s.idle_conns
     );
     let mut threads = Vec::new();
     for t in &ctx.targets {
         match (t.kind, t.threads) {
             (Kind::Direct, _) => {}
+            (Kind::Floor, _) => threads.push(format!(
+                "floor relay: two threads per connection plus an accept thread (observed up to \
+                 {} threads at the end of a run)",
+                observed_threads(aggs, t)
+            )),
             (Kind::Shardproxy, Some(n)) => threads.push(format!(
                 "shardproxy N={n}: `--workers {n}` (observed {} threads)",
                 observed_threads(aggs, t)
@@ -342,6 +389,18 @@ fn markdown(ctx: &Context, runs: &[Run], aggs: &BTreeMap<(Scenario, Target), Agg
         }
     }
     let _ = writeln!(md, "| thread counts | {} |", threads.join("; "));
+    if ctx.targets.iter().any(|t| t.kind == Kind::Floor) {
+        let _ = writeln!(
+            md,
+            "| floor relay | the anchor for what any relay pays on this kernel: a minimal \
+             blocking splice relay in the harness (`benches/e2e/floor.rs`, its own process), \
+             two threads per connection, a 1 MiB pipe and blocking `splice(2)` per direction, \
+             no event loop (threads and pipes are reused across connections); routes with \
+             `shardproxy::Router` like shardproxy. Skips idle: two threads and six fds per \
+             connection are 10000 threads and 30000 fds at the default 5000 connections, \
+             over the 20000 fd limit |"
+        );
+    }
     let _ = writeln!(
         md,
         "| other load | ≈ {:.0} CPU s used by other programs during the run (≈ {:.2} of {} \
@@ -379,9 +438,10 @@ fn markdown(ctx: &Context, runs: &[Run], aggs: &BTreeMap<(Scenario, Target), Agg
     let _ = writeln!(md, "## Results (medians over {} rounds)\n", ctx.rounds);
     let _ = writeln!(
         md,
-        "| scenario | target | figure | × direct | p50 / p99 / p99.9 µs | proxy CPU s | proxy CPU per unit | peak RSS MiB | notes |"
+        "| scenario | target | figure | × direct | × floor | p50 / p99 / p99.9 µs | proxy CPU s | proxy CPU per unit | peak RSS MiB | notes |"
     );
-    let _ = writeln!(md, "|---|---|---:|---:|---|---:|---:|---:|---|");
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---|---:|---:|---:|---|");
+    let has_floor = ctx.targets.iter().any(|t| t.kind == Kind::Floor);
     for sc in &ctx.scenarios {
         for t in &ctx.targets {
             let Some(a) = aggs.get(&(*sc, *t)) else {
@@ -396,8 +456,21 @@ fn markdown(ctx: &Context, runs: &[Run], aggs: &BTreeMap<(Scenario, Target), Agg
             } else {
                 opt(a.ratio, |x| format!("{x:.2}×"))
             };
-            let lat = match a.lat {
-                [Some(p50), Some(p99), Some(p999)] => {
+            let floor_ratio = if !has_floor {
+                "–".into()
+            } else if t.kind == Kind::Floor {
+                "1".into()
+            } else {
+                opt(a.floor_ratio, |x| format!("{x:.2}×"))
+            };
+            let lat = match (a.lat, a.ping) {
+                (_, [Some(p50), Some(p99), Some(max)]) => format!(
+                    "ping {:.1} / {:.1} / max {:.1} ms",
+                    p50 / 1000.0,
+                    p99 / 1000.0,
+                    max / 1000.0
+                ),
+                ([Some(p50), Some(p99), Some(p999)], _) => {
                     let mut l = format!("{p50:.0} / {p99:.0} / {p999:.0}");
                     if t.kind != Kind::Direct {
                         if let Some(d) = a.p50_delta {
@@ -409,7 +482,7 @@ fn markdown(ctx: &Context, runs: &[Run], aggs: &BTreeMap<(Scenario, Target), Agg
                 _ => "–".into(),
             };
             let per_unit = match sc {
-                Scenario::Bulk1 | Scenario::Echo1 => {
+                Scenario::Bulk1 | Scenario::Echo1 | Scenario::Pingup => {
                     opt(a.cpu_per_gib, |x| format!("{x:.2} s/GiB"))
                 }
                 Scenario::Rr32 | Scenario::Rr1 => {
@@ -431,11 +504,12 @@ fn markdown(ctx: &Context, runs: &[Run], aggs: &BTreeMap<(Scenario, Target), Agg
             }
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 sc.name(),
                 target_label(t, aggs),
                 figure,
                 ratio,
+                floor_ratio,
                 lat,
                 opt(a.cpu_s, |x| format!("{x:.2}")),
                 per_unit,
@@ -445,6 +519,10 @@ fn markdown(ctx: &Context, runs: &[Run], aggs: &BTreeMap<(Scenario, Target), Agg
         }
     }
     let _ = writeln!(md);
+    if !runs_skipped(ctx).is_empty() {
+        let _ = writeln!(md, "Not run: {}.\n", runs_skipped(ctx).join(", "));
+    }
+    against_floor(&mut md, ctx, aggs);
     goals(&mut md, ctx, aggs);
 
     let _ = writeln!(md, "## Routing check\n");
@@ -452,8 +530,8 @@ fn markdown(ctx: &Context, runs: &[Run], aggs: &BTreeMap<(Scenario, Target), Agg
         let _ = writeln!(
             md,
             "Passed: every key was answered by the same backend in every run of its proxy \
-             kind (both thread settings), and for direct and shardproxy by the backend \
-             `shardproxy::Router::pick` names.\n"
+             kind (both thread settings), and for direct, shardproxy and the floor relay by \
+             the backend `shardproxy::Router::pick` names.\n"
         );
     } else {
         let _ = writeln!(
@@ -489,12 +567,25 @@ fn markdown(ctx: &Context, runs: &[Run], aggs: &BTreeMap<(Scenario, Target), Agg
          connections/s by 32 clients each doing connect + header + 64-byte echo + close (the \
          backend closes first, so TIME_WAIT stays on the server side); idle the rate at which \
          the connections were set up (8 openers). In brackets: the smallest and largest round.\n\
-         - **× direct**: median over rounds of (target ÷ direct in the same round).\n\
+         - **× direct**: median over rounds of (target ÷ direct in the same round); **× \
+         floor** the same against the floor relay.\n\
+         - **floor relay**: a minimal blocking splice relay (two threads per connection, a \
+         1 MiB pipe and blocking `splice(2)` per direction, no event loop, no timeouts): what \
+         any relay pays on this kernel for two TCP connections and the copies between them. A \
+         proxy at 1.00× floor moves data as well as a relay can without doing more work; CPU \
+         ÷ floor is the proxy's CPU per unit over the floor's.\n\
+         - **pingup**: one connection; the client uploads flat out (figure: GiB/s up) while \
+         the backend writes an 8-byte ping carrying its `CLOCK_MONOTONIC` send time every \
+         20 ms; the client stamps each on arrival (same clock, one machine). The latency \
+         column shows the ping delay p50 / p99 / max over the pings sent during the upload: \
+         how long the backend → client direction waits behind the other.\n\
          - **latency**: per request (rr) or per whole connection (cps), measured by the client; \
          `(p50 +x)` is the median over rounds of (p50 − direct p50).\n\
-         - **proxy CPU**: on-CPU time of the proxy's threads (`/proc/<pid>/task/*/schedstat`, \
-         nanoseconds; same basis as utime + stime) over the measured window; per unit: bulk1/echo1 per GiB forwarded (echo1 counts both \
-         directions), rr per request, cps/idle per connection.\n\
+         - **proxy CPU**: on-CPU time of the proxy process over the measured window, threads \
+         that exited included (its CPU-time clock, `clock_getcpuclockid`, nanoseconds; the \
+         same basis as `/proc/<pid>/task/*/schedstat` and utime + stime); per unit: \
+         bulk1/echo1/pingup per GiB forwarded (echo1 counts both directions), rr per request, \
+         cps/idle per connection.\n\
          - **peak RSS**: the proxy's VmHWM at the end of the run; every run starts a fresh \
          proxy.\n\
          - **idle**: (proxy VmRSS with all connections established − VmRSS before) ÷ \
@@ -542,7 +633,7 @@ impl Goal {
 fn goals(md: &mut String, ctx: &Context, aggs: &BTreeMap<(Scenario, Target), Agg>) {
     let mut settings: Vec<Option<usize>> = Vec::new();
     for t in &ctx.targets {
-        if t.kind != Kind::Direct && !settings.contains(&t.threads) {
+        if !matches!(t.kind, Kind::Direct | Kind::Floor) && !settings.contains(&t.threads) {
             settings.push(t.threads);
         }
     }
@@ -578,6 +669,14 @@ fn goals(md: &mut String, ctx: &Context, aggs: &BTreeMap<(Scenario, Target), Agg
             "x",
             Some(0.70),
             false,
+        ),
+        Goal::new(
+            "pingup max ping delay (lower wins)",
+            Scenario::Pingup,
+            |a| a.ping[2],
+            "ms",
+            None,
+            true,
         ),
         Goal::new(
             "rr32 ≥ 0.50× direct",
@@ -682,6 +781,7 @@ fn goals(md: &mut String, ctx: &Context, aggs: &BTreeMap<(Scenario, Target), Agg
                     "us" => format!("{v:+.0} µs"),
                     "B" => format!("{v:.0} B"),
                     "s" => format!("{v:.2} s/GiB"),
+                    "ms" => format!("{:.1} ms", v / 1000.0),
                     _ => format!("{v:.2}"),
                 })
             };
@@ -731,10 +831,77 @@ fn goals(md: &mut String, ctx: &Context, aggs: &BTreeMap<(Scenario, Target), Agg
     let _ = writeln!(md);
 }
 
+/// (scenario, target) pairs the harness does not run (the floor relay's idle).
+fn runs_skipped(ctx: &Context) -> Vec<String> {
+    let mut v = Vec::new();
+    for sc in &ctx.scenarios {
+        for t in &ctx.targets {
+            if !crate::runs_for(*sc, t) {
+                v.push(format!("{} for the {}", sc.name(), target_label_plain(t)));
+            }
+        }
+    }
+    v
+}
+
+fn target_label_plain(t: &Target) -> String {
+    match t.kind {
+        Kind::Floor => "floor relay (two threads and six fds per connection)".into(),
+        _ => t.id(),
+    }
+}
+
+/// shardproxy (and HAProxy) against the floor relay: figure ÷ floor and CPU per unit ÷
+/// floor, paired by round.
+fn against_floor(md: &mut String, ctx: &Context, aggs: &BTreeMap<(Scenario, Target), Agg>) {
+    let Some(floor) = ctx.targets.iter().find(|t| t.kind == Kind::Floor) else {
+        return;
+    };
+    let proxies: Vec<&Target> = ctx
+        .targets
+        .iter()
+        .filter(|t| !matches!(t.kind, Kind::Direct | Kind::Floor))
+        .collect();
+    let _ = writeln!(md, "## Against the floor relay\n");
+    let _ = writeln!(
+        md,
+        "Each proxy's figure ÷ the floor relay's in the same round (CPU per unit ÷ the \
+         floor's in brackets), medians over rounds. Above 1.00× the proxy beats a minimal \
+         blocking splice relay; CPU below 1.00× it spends less per unit.\n"
+    );
+    let mut header = "| scenario | floor relay (× direct) |".to_string();
+    let mut rule = "|---|---:|".to_string();
+    for t in &proxies {
+        let _ = write!(header, " {} ÷ floor (CPU) |", target_label(t, aggs));
+        rule.push_str("---:|");
+    }
+    let _ = writeln!(md, "{header}\n{rule}");
+    for sc in &ctx.scenarios {
+        let Some(f) = aggs.get(&(*sc, *floor)) else {
+            continue;
+        };
+        let mut line = format!(
+            "| {} | {} ({}) |",
+            sc.name(),
+            opt(f.figure, |x| format!("{} {}", fmt_num(x), sc.unit())),
+            opt(f.ratio, |x| format!("{x:.2}×"))
+        );
+        for t in &proxies {
+            let a = aggs.get(&(*sc, **t));
+            let ratio = opt(a.and_then(|a| a.floor_ratio), |x| format!("{x:.2}×"));
+            let cpu = opt(a.and_then(|a| a.cpu_vs_floor), |x| format!("CPU {x:.2}×"));
+            let _ = write!(line, " {ratio} ({cpu}) |");
+        }
+        let _ = writeln!(md, "{line}");
+    }
+    let _ = writeln!(md);
+}
+
 fn csv(runs: &[Run]) -> String {
     let mut s = String::from(
         "round,scenario,target,ok,figure,unit,p50_us,p99_us,p999_us,proxy_cpu_s,bytes,ops,\
-         peak_rss_kib,threads,rss_per_conn_bytes,fds_per_conn,error\n",
+         peak_rss_kib,threads,rss_per_conn_bytes,fds_per_conn,ping_p50_us,ping_p99_us,\
+         ping_max_us,error\n",
     );
     let o = |x: Option<f64>| x.map_or_else(String::new, |v| format!("{v:.3}"));
     for r in runs {
@@ -742,9 +909,10 @@ fn csv(runs: &[Run]) -> String {
         match &r.result {
             Ok(m) => {
                 let lat = m.lat_us.map_or([None; 3], |l| l.map(Some));
+                let ping = m.ping_us.map_or([None; 3], |l| l.map(Some));
                 let _ = writeln!(
                     s,
-                    "1,{:.3},{},{},{},{},{},{},{},{},{},{},{},",
+                    "1,{:.3},{},{},{},{},{},{},{},{},{},{},{},{},{},{},",
                     m.figure,
                     r.scenario.unit(),
                     o(lat[0]),
@@ -756,13 +924,16 @@ fn csv(runs: &[Run]) -> String {
                     r.hwm_kib.map_or_else(String::new, |v| v.to_string()),
                     r.threads.map_or_else(String::new, |v| v.to_string()),
                     o(m.rss_per_conn),
-                    o(m.fds_per_conn)
+                    o(m.fds_per_conn),
+                    o(ping[0]),
+                    o(ping[1]),
+                    o(ping[2])
                 );
             }
             Err(e) => {
                 let _ = writeln!(
                     s,
-                    "0,,,,,,,,,,,,,,\"{}\"",
+                    "0,,,,,,,,,,,,,,,,,\"{}\"",
                     e.replace('"', "'").replace('\n', " ")
                 );
             }

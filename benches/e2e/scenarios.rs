@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use shardproxy::{HeaderFormat, Router};
 
+use crate::backend::{mono_ns, PINGUP_END};
 use crate::procs::{fd_count, proc_stat};
 
 /// Client socket read/write timeout: a stuck run fails instead of hanging.
@@ -32,6 +33,8 @@ pub enum Scenario {
     Bulk1,
     /// One connection, echo both ways.
     Echo1,
+    /// One connection: the client uploads flat out, the backend pings every 20 ms.
+    Pingup,
     /// 32 persistent connections, 64-byte request/response.
     Rr32,
     /// 1 persistent connection, 64-byte request/response.
@@ -44,9 +47,10 @@ pub enum Scenario {
 
 impl Scenario {
     /// All scenarios, in run order.
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Bulk1,
         Scenario::Echo1,
+        Scenario::Pingup,
         Scenario::Rr32,
         Scenario::Rr1,
         Scenario::Cps32,
@@ -58,6 +62,7 @@ impl Scenario {
         match self {
             Scenario::Bulk1 => "bulk1",
             Scenario::Echo1 => "echo1",
+            Scenario::Pingup => "pingup",
             Scenario::Rr32 => "rr32",
             Scenario::Rr1 => "rr1",
             Scenario::Cps32 => "cps32",
@@ -75,6 +80,7 @@ impl Scenario {
         match self {
             Scenario::Bulk1 => "GiB/s",
             Scenario::Echo1 => "GiB/s each way",
+            Scenario::Pingup => "GiB/s up",
             Scenario::Rr32 | Scenario::Rr1 => "req/s",
             Scenario::Cps32 => "conn/s",
             Scenario::Idle => "conn/s setup",
@@ -93,6 +99,8 @@ pub struct Settings {
     pub duration: Duration,
     /// Warm-up before the window.
     pub warmup: Duration,
+    /// pingup upload time.
+    pub pingup: Duration,
     /// idle connections.
     pub idle_conns: usize,
 }
@@ -146,6 +154,8 @@ pub struct Measured {
     pub figure: f64,
     /// Latency percentiles, µs (p50, p99, p99.9), for rr and cps.
     pub lat_us: Option<[f64; 3]>,
+    /// pingup: delay of the backend's pings (send → receive), µs: p50, p99, max.
+    pub ping_us: Option<[f64; 3]>,
     /// Proxy CPU seconds over the measured window.
     pub cpu_s: Option<f64>,
     /// Bytes the proxy forwarded (both directions) in the window.
@@ -187,6 +197,7 @@ pub fn run(
     match scenario {
         Scenario::Bulk1 => bulk1(route, s.bulk_bytes),
         Scenario::Echo1 => echo1(route, s.echo_bytes),
+        Scenario::Pingup => pingup(route, s.pingup),
         Scenario::Rr32 => rr(route, 32, s),
         Scenario::Rr1 => rr(route, 1, s),
         Scenario::Cps32 => cps(route, 32, s),
@@ -348,6 +359,93 @@ fn echo1(route: &Route<'_>, bytes: u64) -> io::Result<Measured> {
         cpu_s: route.pid().map(|_| cpu1 - cpu0),
         bytes: 2 * bytes,
         ops: 1,
+        ..Default::default()
+    };
+    m.observe(&key, id);
+    Ok(m)
+}
+
+/// Upload write size of pingup.
+const UPLOAD_CHUNK: usize = 256 * 1024;
+
+/// One connection for `upload`: the client writes as fast as it can while the backend
+/// (`pingup` mode) writes an 8-byte ping carrying its `CLOCK_MONOTONIC` send time every
+/// 20 ms; a reader thread stamps each ping on arrival. Only pings sent while the upload ran
+/// count. At the client's FIN the backend answers with the byte count it received, which must
+/// match. Figure: uploaded GiB/s (until the backend confirmed the count).
+fn pingup(route: &Route<'_>, upload: Duration) -> io::Result<Measured> {
+    let key = "pingup:up".to_string();
+    let cpu0 = route.cpu();
+    let mut s = connect(route.addr(&key))?;
+    s.write_all(&header(&key))?;
+    let mut w = s.try_clone()?;
+    let t0 = Instant::now();
+    let writer = std::thread::spawn(move || -> io::Result<(u64, u64)> {
+        let chunk = vec![0x5Au8; UPLOAD_CHUNK];
+        let deadline = Instant::now() + upload;
+        let mut sent = 0u64;
+        while Instant::now() < deadline {
+            w.write_all(&chunk)?;
+            sent += chunk.len() as u64;
+        }
+        let end = mono_ns();
+        w.shutdown(Shutdown::Write)?;
+        Ok((sent, end))
+    });
+    let mut pings: Vec<(u64, u64)> = Vec::with_capacity(1024);
+    let read = read_id(&mut s).and_then(|id| {
+        let mut word = [0u8; 8];
+        loop {
+            s.read_exact(&mut word)?;
+            let at = mono_ns();
+            let v = u64::from_le_bytes(word);
+            if v == PINGUP_END {
+                break;
+            }
+            pings.push((v, at));
+        }
+        s.read_exact(&mut word)?;
+        let done = t0.elapsed();
+        let mut extra = [0u8; 1];
+        if s.read(&mut extra)? != 0 {
+            return Err(bad("pingup: bytes after the count".into()));
+        }
+        Ok((id, u64::from_le_bytes(word), done))
+    });
+    if read.is_err() {
+        let _ = s.shutdown(Shutdown::Both); // unblock the writer
+    }
+    let wrote = writer
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("pingup writer panicked")));
+    let cpu1 = route.cpu();
+    let (id, count, done) = read?;
+    let (sent, end_ns) = wrote?;
+    if count != sent {
+        return Err(bad(format!(
+            "pingup: backend received {count} of {sent} bytes"
+        )));
+    }
+    let mut delays: Vec<u64> = pings
+        .iter()
+        .filter(|(sent_at, _)| *sent_at <= end_ns)
+        .map(|(sent_at, at)| at.saturating_sub(*sent_at))
+        .collect();
+    if delays.is_empty() {
+        return Err(bad("pingup: no ping arrived during the upload".into()));
+    }
+    delays.sort_unstable();
+    let q = |p: f64| {
+        let i = ((delays.len() as f64 * p).ceil() as usize).clamp(1, delays.len()) - 1;
+        delays[i] as f64 / 1000.0
+    };
+    let max = delays[delays.len() - 1] as f64 / 1000.0;
+    let mut m = Measured {
+        figure: sent as f64 / GIB / done.as_secs_f64(),
+        ping_us: Some([q(0.50), q(0.99), max]),
+        cpu_s: route.pid().map(|_| cpu1 - cpu0),
+        bytes: sent,
+        ops: delays.len() as u64,
         ..Default::default()
     };
     m.observe(&key, id);
