@@ -341,6 +341,18 @@ fn route_prints_each_key_and_its_full_ranking() {
     );
 }
 
+/// A hex key with a multi-byte character (where byte-offset slicing would split it) exits 2
+/// with a message naming the character, rather than panicking (exit 101).
+#[test]
+fn route_hex_key_with_a_multibyte_character_exits_2() {
+    for key in ["aéb", "é0", "0é"] {
+        assert_rejected(
+            &["route", "--backend", "b1=127.0.0.1:1", "--hex", key],
+            &["non-hex digit", "'é'", key],
+        );
+    }
+}
+
 #[test]
 fn route_is_deterministic_and_independent_of_flag_order_and_addresses() {
     let many: Vec<String> = (0..200).map(|i| format!("k{i}")).collect();
