@@ -217,21 +217,33 @@ fn parse_backend(s: &str) -> Result<BackendSpec, String> {
     s.parse::<BackendSpec>().map_err(|e| e.to_string())
 }
 
-/// Decodes a key given on the command line.
+/// Decodes a key given on the command line: the text's bytes, or with `hex` pairs of hex
+/// digits. Any input gives a value or a message; nothing here panics.
 pub fn decode_key(text: &str, hex: bool) -> Result<Vec<u8>, String> {
     if !hex {
         return Ok(text.as_bytes().to_vec());
     }
+    // Checked by character first: slicing a str at byte offsets would split a multi-byte
+    // character (and panic) before the bad digit could be reported.
+    if let Some((i, c)) = text.char_indices().find(|(_, c)| !c.is_ascii_hexdigit()) {
+        return Err(format!(
+            "hex key {text:?} has a non-hex digit {c:?} at byte {i} (expected 0-9, a-f, A-F)"
+        ));
+    }
     if text.len() % 2 != 0 {
         return Err(format!("hex key {text:?} has an odd number of digits"));
     }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&text[i..i + 2], 16)
-                .map_err(|_| format!("hex key {text:?} has a non-hex digit"))
-        })
-        .collect()
+    // All ASCII hex digits now: every byte is one digit.
+    let digit = |b: u8| match b {
+        b'0'..=b'9' => b - b'0',
+        b'a'..=b'f' => b - b'a' + 10,
+        _ => b - b'A' + 10,
+    };
+    Ok(text
+        .as_bytes()
+        .chunks_exact(2)
+        .map(|pair| (digit(pair[0]) << 4) | digit(pair[1]))
+        .collect())
 }
 
 #[cfg(test)]
@@ -284,6 +296,12 @@ mod tests {
         assert_eq!(decode_key("00ff", true), Ok(vec![0, 255]));
         assert!(decode_key("0", true).is_err());
         assert!(decode_key("zz", true).is_err());
+        assert_eq!(decode_key("aBcD", true), Ok(vec![0xab, 0xcd]));
+        // Multi-byte characters: an error naming the character, never a panic.
+        for bad in ["aéb", "é0", "0é", "ab\u{1F600}", "\u{1F600}"] {
+            let e = decode_key(bad, true).expect_err(bad);
+            assert!(e.contains("non-hex digit"), "{bad:?}: {e}");
+        }
         assert_eq!(decode_key("ab", false), Ok(b"ab".to_vec()));
     }
 }

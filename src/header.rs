@@ -410,4 +410,241 @@ mod tests {
             }
         }
     }
+
+    // ---------------------------------------------------------------------------------
+    // The proxy's read loop against a reference model
+    // ---------------------------------------------------------------------------------
+
+    /// What the reference model says a prefix is.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Expect {
+        Need(usize),
+        Done { consumed: usize },
+        Error(HeaderError),
+    }
+
+    /// The header rules written out plainly, independently of [`HeaderFormat::parse`]: the
+    /// length field is padded to a `u64` and decoded with the standard library.
+    fn reference(f: &HeaderFormat, p: &[u8]) -> Expect {
+        let w = f.len_bytes.width();
+        if p.len() < w {
+            return Expect::Need(w - p.len());
+        }
+        let mut field = [0u8; 8];
+        let len = match f.endian {
+            Endian::Big => {
+                field[8 - w..].copy_from_slice(&p[..w]);
+                u64::from_be_bytes(field)
+            }
+            Endian::Little => {
+                field[..w].copy_from_slice(&p[..w]);
+                u64::from_le_bytes(field)
+            }
+        };
+        if len == 0 {
+            Expect::Error(HeaderError::ZeroLength)
+        } else if len > u64::from(f.max_key_len) {
+            Expect::Error(HeaderError::TooLong)
+        } else if (p.len() as u64) < w as u64 + len {
+            Expect::Need(w + len as usize - p.len())
+        } else {
+            Expect::Done {
+                consumed: w + len as usize,
+            }
+        }
+    }
+
+    /// `len` as `f`'s length field (no range check: out-of-range lengths are the point).
+    fn length_field(f: &HeaderFormat, len: u64) -> Vec<u8> {
+        let w = f.len_bytes.width();
+        match f.endian {
+            Endian::Big => len.to_be_bytes()[8 - w..].to_vec(),
+            Endian::Little => len.to_le_bytes()[..w].to_vec(),
+        }
+    }
+
+    /// How the proxy's read loop ended.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Outcome {
+        Done {
+            key: Vec<u8>,
+            consumed: usize,
+        },
+        Error(HeaderError),
+        /// The stream ended while the parser still needed bytes (the proxy counts `eof`).
+        Eof,
+    }
+
+    /// Feeds `stream` to `f.parse` the way `read_header` does: a buffer of
+    /// `max_header_len` bytes, reads of the given sizes (cycled, never past the buffer or
+    /// the stream), and after each read (and once before the first, for a read that found
+    /// nothing) the whole prefix re-parsed. Every answer is checked against [`reference`];
+    /// returns how the loop ended and the buffer fill at that point.
+    fn drive(
+        f: &HeaderFormat,
+        stream: &[u8],
+        reads: &[usize],
+    ) -> Result<(Outcome, usize), TestCaseError> {
+        let cap = f.max_header_len();
+        let mut buf = vec![0u8; cap];
+        let mut filled = 0;
+        let mut reads = reads.iter().cycle();
+        loop {
+            let got = f.parse(&buf[..filled]);
+            let want = reference(f, &buf[..filled]);
+            match (got, want) {
+                (Parse::Need(n), Expect::Need(m)) => {
+                    prop_assert_eq!(n, m, "Need at {} bytes", filled);
+                    prop_assert!(n > 0);
+                    prop_assert!(
+                        filled + n <= cap,
+                        "Need({}) at {} runs past {}",
+                        n,
+                        filled,
+                        cap
+                    );
+                }
+                (Parse::Done { key, consumed }, Expect::Done { consumed: c }) => {
+                    prop_assert_eq!(consumed, c);
+                    prop_assert!(consumed <= filled);
+                    prop_assert_eq!(key, &buf[f.len_bytes.width()..consumed]);
+                    return Ok((
+                        Outcome::Done {
+                            key: key.to_vec(),
+                            consumed,
+                        },
+                        filled,
+                    ));
+                }
+                (Parse::Error(e), Expect::Error(r)) => {
+                    prop_assert_eq!(e, r);
+                    return Ok((Outcome::Error(e), filled));
+                }
+                (got, want) => {
+                    return Err(TestCaseError::fail(format!(
+                        "at {filled} bytes: parse gave {got:?}, the reference {want:?}"
+                    )))
+                }
+            }
+            // Need: read more, as the proxy does, into the rest of the buffer.
+            let room = cap - filled;
+            let left = stream.len() - filled;
+            if left == 0 {
+                return Ok((Outcome::Eof, filled));
+            }
+            prop_assert!(room > 0, "Need with a full buffer at {} bytes", filled);
+            let n = (*reads.next().unwrap_or(&1)).clamp(1, room.min(left));
+            buf[filled..filled + n].copy_from_slice(&stream[filled..filled + n]);
+            filled += n;
+        }
+    }
+
+    /// The kinds of stream a client can send.
+    #[derive(Debug, Clone, Copy)]
+    enum Kind {
+        /// A valid header, then payload.
+        Valid,
+        /// A zero length field, then anything.
+        Zero,
+        /// A length over `max_key_len` (but within the field), then anything.
+        TooLong,
+        /// A valid header cut short, then EOF.
+        Truncated,
+        /// Random bytes.
+        Garbage,
+    }
+
+    fn any_kind() -> impl Strategy<Value = Kind> {
+        prop_oneof![
+            Just(Kind::Valid),
+            Just(Kind::Zero),
+            Just(Kind::TooLong),
+            Just(Kind::Truncated),
+            Just(Kind::Garbage),
+        ]
+    }
+
+    /// Read sizes: mostly small (odd splits inside the length field and the key), some
+    /// large enough to take the whole header at once.
+    fn any_reads() -> impl Strategy<Value = Vec<usize>> {
+        proptest::collection::vec(prop_oneof![4 => 1usize..8, 1 => 1usize..5000], 1..16)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// The proxy's incremental parse of a generated stream agrees with the reference at
+        /// every step, and ends the way the stream's kind says: a valid header is found
+        /// (key and length exactly) as soon as its last byte is in, a zero or too-long
+        /// length is rejected as soon as the length field is in, and a cut-short header
+        /// only ever asks for more until the stream ends.
+        #[test]
+        fn incremental_parse_matches_the_reference(
+            f in any_format(),
+            kind in any_kind(),
+            key in proptest::collection::vec(any::<u8>(), 1..300),
+            tail in proptest::collection::vec(any::<u8>(), 0..64),
+            r in any::<u64>(),
+            reads in any_reads(),
+        ) {
+            let w = f.len_bytes.width();
+            let key_max = (f.max_key_len as usize).min(f.len_bytes.max_value() as usize);
+            let key = &key[..key.len().min(key_max)];
+            let header = f.encode(key).unwrap();
+            let mut stream = Vec::new();
+            match kind {
+                Kind::Valid => {
+                    stream.extend_from_slice(&header);
+                    stream.extend_from_slice(&tail);
+                }
+                Kind::Zero => {
+                    stream.extend(length_field(&f, 0));
+                    stream.extend_from_slice(&tail);
+                }
+                Kind::TooLong => {
+                    let over = f.len_bytes.max_value().saturating_sub(u64::from(f.max_key_len));
+                    // With max_key_len at (or past) the field's maximum no length is too long.
+                    prop_assume!(over > 0);
+                    stream.extend(length_field(&f, u64::from(f.max_key_len) + 1 + r % over));
+                    stream.extend_from_slice(&tail);
+                }
+                Kind::Truncated => {
+                    stream.extend_from_slice(&header[..(r % header.len() as u64) as usize]);
+                }
+                Kind::Garbage => {
+                    stream.extend_from_slice(key);
+                    stream.extend_from_slice(&tail);
+                }
+            }
+
+            let (outcome, filled) = drive(&f, &stream, &reads)?;
+            match kind {
+                Kind::Valid => {
+                    prop_assert_eq!(outcome, Outcome::Done { key: key.to_vec(), consumed: header.len() });
+                    // Found with the read that brought its last byte: never more than one
+                    // read's worth past it.
+                    prop_assert!(filled >= header.len());
+                }
+                Kind::Zero => {
+                    prop_assert_eq!(outcome, Outcome::Error(HeaderError::ZeroLength));
+                    prop_assert!(filled >= w);
+                }
+                Kind::TooLong => {
+                    prop_assert_eq!(outcome, Outcome::Error(HeaderError::TooLong));
+                    prop_assert!(filled >= w);
+                }
+                Kind::Truncated => {
+                    prop_assert_eq!(outcome, Outcome::Eof);
+                    prop_assert_eq!(filled, stream.len());
+                }
+                // The reference decided every step; an EOF is right exactly when the
+                // reference still needed bytes at the end of the stream.
+                Kind::Garbage => {
+                    if outcome == Outcome::Eof {
+                        prop_assert_eq!(filled, stream.len());
+                    }
+                }
+            }
+        }
+    }
 }

@@ -1,5 +1,9 @@
 //! The `shardproxy` binary: parse flags, set up logging, run, map errors to exit codes
 //! (0 success, 1 runtime failure, 2 bad flags or configuration).
+//!
+//! `run` drains on the first SIGTERM/SIGINT (stop accepting, let connections finish up to
+//! `--drain-timeout`) and exits 0; a second signal during the drain exits at once with 1,
+//! cutting what is left.
 
 use std::process::ExitCode;
 
@@ -38,7 +42,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(dispatch(cli.command))
+    let code = rt.block_on(dispatch(cli.command));
+    // Do not wait for tasks still running (after a second signal, connections being
+    // drained): the process exits now and the kernel closes their sockets.
+    rt.shutdown_background();
+    code
 }
 
 async fn dispatch(command: Command) -> ExitCode {
@@ -67,6 +75,10 @@ async fn dispatch(command: Command) -> ExitCode {
 }
 
 async fn run(args: cli::RunArgs) -> ExitCode {
+    // Before the ready line, so that a signal sent as soon as it is read is not missed.
+    let Some(mut signals) = Signals::install() else {
+        return ExitCode::FAILURE;
+    };
     let workers = args.workers.map(usize::from).unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
@@ -86,11 +98,18 @@ async fn run(args: cli::RunArgs) -> ExitCode {
         Some(admin) => println!("listening on {} admin {}", proxy.local_addr(), admin),
         None => println!("listening on {}", proxy.local_addr()),
     }
-    wait_for_signal().await;
-    info!("shutting down: no new connections");
-    let cut = proxy.shutdown().await;
-    info!(cut, "stopped");
-    ExitCode::SUCCESS
+    signals.recv().await;
+    info!("shutting down: no new connections (a second SIGTERM/SIGINT exits at once)");
+    tokio::select! {
+        cut = proxy.shutdown() => {
+            info!(cut, "stopped");
+            ExitCode::SUCCESS
+        }
+        () = signals.recv() => {
+            warn!("second signal during the drain: exiting now, cutting open connections");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn route(args: cli::RouteArgs) -> ExitCode {
@@ -115,10 +134,13 @@ fn route(args: cli::RouteArgs) -> ExitCode {
 }
 
 async fn backend(args: cli::BackendArgs) -> ExitCode {
+    let Some(mut signals) = Signals::install() else {
+        return ExitCode::FAILURE;
+    };
     match shardproxy::echo::EchoBackend::start(args.listen, &args.name).await {
         Ok(b) => {
             println!("backend {} listening on {}", b.name(), b.local_addr());
-            wait_for_signal().await;
+            signals.recv().await;
             b.stop().await;
             ExitCode::SUCCESS
         }
@@ -152,17 +174,33 @@ async fn client(args: cli::ClientArgs) -> ExitCode {
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        error!("cannot install signal handlers; stopping");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, installed once so that no signal is missed between two waits.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers; logs and returns `None` if that fails.
+    fn install() -> Option<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => Some(Signals { term, int }),
+            (Err(e), _) | (_, Err(e)) => {
+                error!(error = %e, "cannot install signal handlers; stopping");
+                None
+            }
+        }
+    }
+
+    /// Waits for the next SIGTERM or SIGINT.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }

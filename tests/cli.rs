@@ -1,8 +1,9 @@
 //! The `shardproxy` binary as a user meets it: bad flags exit 2 with a message that names the
 //! problem; `route` output is exact, deterministic and independent of flag order; `demo`
 //! runs to completion and reports the keys that moved; `run` drains in-flight connections
-//! on SIGTERM, refuses new ones and exits 0; `backend` and `client` work end to end, with
-//! and without a proxy process in between.
+//! on SIGTERM, refuses new ones and exits 0, and a second SIGTERM during the drain exits at
+//! once with 1; `backend` and `client` work end to end, with and without a proxy process in
+//! between.
 //!
 //! Every child process is killed and reaped by a guard (or waited for under a generous hang
 //! guard), so no test leaves a process behind.
@@ -16,6 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use shardproxy::client::read_name;
 use shardproxy::echo::EchoBackend;
 use shardproxy::{HeaderFormat, Router};
@@ -73,7 +76,17 @@ struct Daemon {
 impl Daemon {
     /// Starts `shardproxy ARGS` and waits for its first stdout line.
     fn start(args: &[&str]) -> (Daemon, String) {
-        let mut child = shardproxy()
+        Self::start_with_log(args, None)
+    }
+
+    /// [`Daemon::start`] with `RUST_LOG` set to `filter` (if given), for a test that waits
+    /// for a log line whatever the environment's filter.
+    fn start_with_log(args: &[&str], filter: Option<&str>) -> (Daemon, String) {
+        let mut cmd = shardproxy();
+        if let Some(filter) = filter {
+            cmd.env("RUST_LOG", filter);
+        }
+        let mut child = cmd
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -113,12 +126,24 @@ impl Daemon {
         self.stderr.lock().unwrap().clone()
     }
 
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill {sig} failed");
+    /// Sends `sig` to this child, by its PID (it has not been reaped, so the PID is its own).
+    fn signal(&mut self, sig: Signal) {
+        assert!(self.try_wait().is_none(), "signal {sig} to an exited child");
+        let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits i32"));
+        kill(pid, sig).unwrap_or_else(|e| panic!("kill {sig}: {e}"));
+    }
+
+    /// Waits until the child's stderr contains `needle`; fails after the hang guard.
+    async fn wait_stderr(&self, needle: &str) {
+        let deadline = Instant::now() + HANG_GUARD;
+        while !self.stderr().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "stderr never showed {needle:?}:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// `Some(status)` once the child exited.
@@ -341,6 +366,18 @@ fn route_prints_each_key_and_its_full_ranking() {
     );
 }
 
+/// A hex key with a multi-byte character (where byte-offset slicing would split it) exits 2
+/// with a message naming the character, rather than panicking (exit 101).
+#[test]
+fn route_hex_key_with_a_multibyte_character_exits_2() {
+    for key in ["aéb", "é0", "0é"] {
+        assert_rejected(
+            &["route", "--backend", "b1=127.0.0.1:1", "--hex", key],
+            &["non-hex digit", "'é'", key],
+        );
+    }
+}
+
 #[test]
 fn route_is_deterministic_and_independent_of_flag_order_and_addresses() {
     let many: Vec<String> = (0..200).map(|i| format!("k{i}")).collect();
@@ -472,7 +509,7 @@ async fn sigterm_drains_in_flight_connections_refuses_new_ones_and_exits_0() {
         .unwrap();
     assert_eq!(name, "b1");
 
-    proxy.signal("-TERM");
+    proxy.signal(Signal::SIGTERM);
     // The listener closes: new connections are refused. (A connection that slips in before
     // the signal is handled is dropped at once; the proxy ends it on the header EOF. One
     // still in the accept queue when the listener closes is reset by the kernel.)
@@ -517,6 +554,96 @@ async fn sigterm_drains_in_flight_connections_refuses_new_ones_and_exits_0() {
         proxy.stderr()
     );
     assert_eq!(backend.accepted(), 1);
+}
+
+/// Starts `run` with one echo backend and a 60 s drain, opens a connection that is routed
+/// and greeted, and sends the first SIGTERM: returns once the proxy has logged that it is
+/// draining, with the connection still open.
+async fn draining_proxy(backend: &EchoBackend) -> (Daemon, TcpStream, Vec<u8>) {
+    let spec = format!("b1={}", backend.local_addr());
+    let (mut proxy, ready) = Daemon::start_with_log(
+        &[
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            &spec,
+            "--drain-timeout",
+            "60s",
+            "--workers",
+            "1",
+        ],
+        Some("info"),
+    );
+    let (listen, _) = parse_ready(&ready);
+    let header = HeaderFormat::default().encode(b"held").unwrap();
+    let mut conn = TcpStream::connect(listen).await.unwrap();
+    conn.write_all(&header).await.unwrap();
+    let name = timeout(HANG_GUARD, read_name(&mut conn))
+        .await
+        .expect("greeting hung")
+        .unwrap();
+    assert_eq!(name, "b1");
+    proxy.signal(Signal::SIGTERM);
+    // Signals of one kind do not queue: the second is sent only once the first was handled.
+    proxy.wait_stderr("shutting down").await;
+    (proxy, conn, header)
+}
+
+/// One SIGTERM with a connection held open and `--drain-timeout 60s`: a second later the
+/// proxy is still draining and the connection still echoes. A second SIGTERM then exits at
+/// once (well before the 60 s drain) with code 1 and its own log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_during_the_drain_exits_at_once() {
+    /// Generous for a loaded machine, far below the 60 s drain timeout.
+    const EXIT_BOUND: Duration = Duration::from_secs(10);
+    let backend = EchoBackend::start(any_port(), "b1").await.unwrap();
+    let (mut proxy, mut conn, header) = draining_proxy(&backend).await;
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        proxy.try_wait().is_none(),
+        "one SIGTERM with a connection open ended the drain early; stderr:\n{}",
+        proxy.stderr()
+    );
+    // Still served while draining.
+    conn.write_all(b"ping").await.unwrap();
+    let mut echoed = vec![0u8; header.len() + 4];
+    timeout(HANG_GUARD, conn.read_exact(&mut echoed))
+        .await
+        .expect("echo hung")
+        .unwrap();
+    assert_eq!(&echoed[header.len()..], b"ping");
+
+    proxy.signal(Signal::SIGTERM);
+    let deadline = Instant::now() + EXIT_BOUND;
+    let status = loop {
+        if let Some(status) = proxy.try_wait() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running {EXIT_BOUND:?} after the second SIGTERM; stderr:\n{}",
+            proxy.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "exit after the second SIGTERM: {status}; stderr:\n{}",
+        proxy.stderr()
+    );
+    proxy.wait_stderr("second signal during the drain").await;
+    // The held connection was cut (EOF or a reset), not left hanging.
+    let mut rest = Vec::new();
+    match timeout(HANG_GUARD, conn.read_to_end(&mut rest))
+        .await
+        .expect("the cut connection hung")
+    {
+        Ok(_) => assert!(rest.is_empty(), "{} unexpected bytes", rest.len()),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -579,7 +706,7 @@ async fn backend_and_client_subcommands_work_together() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(text(&out.stderr).contains("k1\terror:"), "{out:?}");
 
-    backend.signal("-TERM");
+    backend.signal(Signal::SIGTERM);
     let status = backend.wait().await;
     assert_eq!(status.code(), Some(0), "backend exit: {status}");
 }
@@ -635,6 +762,6 @@ async fn client_through_a_proxy_process_lands_where_route_says() {
     }
     assert_eq!(seen.len(), 3, "40 keys should reach all three backends");
 
-    proxy.signal("-TERM");
+    proxy.signal(Signal::SIGTERM);
     assert_eq!(proxy.wait().await.code(), Some(0));
 }

@@ -1,6 +1,7 @@
 //! Byte integrity through the in-process proxy: bulk random data both ways on concurrent
 //! connections (header forwarded and stripped) with the byte metrics checked against what
-//! really moved, half-close in each direction, reset propagation each way, and slow readers
+//! really moved, half-close in each direction, reset propagation each way (the peer sees
+//! `ECONNRESET`, never a clean EOF, with splice and with the buffered copy), and slow readers
 //! on either side (the proxy's `EAGAIN`/writable path), including a reset from one side while
 //! the proxy is blocked writing to a stalled other side. Every byte is checked in order as it
 //! arrives against a deterministic stream; nothing is buffered whole.
@@ -459,10 +460,14 @@ async fn half_close_backend_to_client_upload_continues() {
     .await;
 }
 
-/// A backend that resets (SO_LINGER 0) right after the header: the client's connection ends,
-/// and the proxy counts a backend-side forwarding error.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backend_reset_reaches_client() {
+/// How long a peer may take to learn of a reset on the other side (a hang guard for a loaded
+/// machine, not a performance bound: the reset is propagated as soon as the proxy sees it).
+const RESET_GUARD: Duration = Duration::from_secs(20);
+
+/// A backend that resets (SO_LINGER 0) right after the header: the client's read fails with
+/// `ECONNRESET` (not a clean EOF: a reset must not look like a complete response), and the
+/// proxy counts a backend-side forwarding error.
+async fn backend_reset_reaches_client_with(splice: bool) {
     guard(GUARD, async {
         let listener = TcpListener::bind(any_port()).await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -474,17 +479,19 @@ async fn backend_reset_reaches_client() {
             drop(s);
             let _ = tx.send(r);
         });
-        let proxy = start_proxy(vec![spec("resetter", addr)], |_| {}).await;
+        let proxy = start_proxy(vec![spec("resetter", addr)], |c| c.splice = splice).await;
 
         let mut s = TcpStream::connect(proxy.local_addr()).await.unwrap();
         s.write_all(&header(b"reset-me")).await.unwrap();
         let key = rx.await.unwrap().expect("backend read the header");
         assert_eq!(key, b"reset-me");
         let mut buf = [0u8; 64];
-        match s.read(&mut buf).await {
-            Ok(0) => {}
+        let seen = tokio::time::timeout(RESET_GUARD, s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("client: nothing within {RESET_GUARD:?} of the reset"));
+        match seen {
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
-            other => panic!("client: expected EOF or ECONNRESET, got {other:?}"),
+            other => panic!("client (splice {splice}): expected ECONNRESET, got {other:?}"),
         }
         let sample = "shardproxy_connection_errors_total{reason=\"backend_error\"}";
         assert_eq!(wait_metric(&proxy, sample, 1.0).await, 1.0);
@@ -492,14 +499,24 @@ async fn backend_reset_reaches_client() {
     .await;
 }
 
-/// A client that resets (SO_LINGER 0) mid-upload: the backend's connection ends (read
-/// returns 0 or an error), and the proxy counts a client-side forwarding error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_reset_reaches_backend() {
+async fn backend_reset_reaches_client() {
+    backend_reset_reaches_client_with(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_reset_reaches_client_no_splice() {
+    backend_reset_reaches_client_with(false).await;
+}
+
+/// A client that resets (SO_LINGER 0) mid-upload: the backend's read fails with
+/// `ECONNRESET` (not a clean EOF: a truncated upload must not look complete), after at
+/// least the bytes it acknowledged, and the proxy counts a client-side forwarding error.
+async fn client_reset_reaches_backend_with(splice: bool) {
     guard(GUARD, async {
         let listener = TcpListener::bind(any_port()).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<io::Result<(u64, Option<io::ErrorKind>)>>();
+        let (tx, rx) = oneshot::channel::<io::Result<(u64, io::Result<()>)>>();
         tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
             let r = async {
@@ -509,9 +526,9 @@ async fn client_reset_reaches_backend() {
                 let mut signalled = false;
                 loop {
                     match s.read(&mut buf).await {
-                        Ok(0) => return Ok((total, None)),
+                        Ok(0) => return Ok((total, Ok(()))),
                         Ok(n) => total += n as u64,
-                        Err(e) => return Ok((total, Some(e.kind()))),
+                        Err(e) => return Ok((total, Err(e))),
                     }
                     if !signalled && total >= 64 * 1024 {
                         // Tell the client the stream is flowing.
@@ -523,7 +540,7 @@ async fn client_reset_reaches_backend() {
             .await;
             let _ = tx.send(r);
         });
-        let proxy = start_proxy(vec![spec("victim", addr)], |_| {}).await;
+        let proxy = start_proxy(vec![spec("victim", addr)], |c| c.splice = splice).await;
 
         let mut s = TcpStream::connect(proxy.local_addr()).await.unwrap();
         s.write_all(&header(b"reset-from-client")).await.unwrap();
@@ -533,16 +550,35 @@ async fn client_reset_reaches_backend() {
         set_reset_on_close(&s);
         drop(s);
 
-        let (total, how) = rx.await.expect("backend task").expect("backend io");
+        let (total, end) = tokio::time::timeout(RESET_GUARD, rx)
+            .await
+            .unwrap_or_else(|_| panic!("backend: no end within {RESET_GUARD:?} of the reset"))
+            .expect("backend task")
+            .expect("backend io");
         assert!(
             total >= 64 * 1024,
             "backend got {total} bytes before the end"
         );
-        eprintln!("backend saw the end after {total} bytes: {how:?}");
+        match end {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+            other => panic!(
+                "backend (splice {splice}): expected ECONNRESET after {total} bytes, got {other:?}"
+            ),
+        }
         let sample = "shardproxy_connection_errors_total{reason=\"client_error\"}";
         assert_eq!(wait_metric(&proxy, sample, 1.0).await, 1.0);
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reset_reaches_backend() {
+    client_reset_reaches_backend_with(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reset_reaches_backend_no_splice() {
+    client_reset_reaches_backend_with(false).await;
 }
 
 /// A backend that reads slowly (small reads with sleeps) under a 32 MiB upload: the proxy's

@@ -224,7 +224,8 @@ impl ProxyHandle {
     }
 
     /// Replaces the membership atomically. Established connections are untouched; new ones
-    /// route on the new table. On error the old table stays.
+    /// route on the new table. On error (an empty set, a duplicate or empty name, a weight
+    /// out of range) the old table stays.
     pub fn set_backends(&self, backends: &[BackendSpec]) -> Result<u64, Error> {
         let generation = self.shared.next_generation.fetch_add(1, Ordering::Relaxed);
         let table = RoutingTable::build(backends, generation, &self.shared.metrics)?;

@@ -53,16 +53,72 @@ pub async fn start_proxy(
     shardproxy::start(config).await.expect("start proxy")
 }
 
-/// The value of one sample in Prometheus text, e.g.
-/// `metric(&text, "shardproxy_header_errors_total{reason=\"eof\"}")`; 0 if absent.
-pub fn metric(text: &str, sample: &str) -> f64 {
+/// The samples of Prometheus text as (`name{labels}`, value), comments skipped.
+fn samples(text: &str) -> impl Iterator<Item = (&str, &str)> {
     text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == sample).then(|| value.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.rsplit_once(' '))
+}
+
+/// The value of one sample in Prometheus text, e.g.
+/// `metric(&text, "shardproxy_header_errors_total{reason=\"eof\"}")`.
+///
+/// Panics if the sample is absent (listing the samples with a similar name), so an assertion
+/// that a counter is 0 cannot pass because the metric or a label was renamed: the proxy
+/// pre-registers its metrics at start, so a sample it can report is there from the start.
+pub fn metric(text: &str, sample: &str) -> f64 {
+    match lookup(text, sample) {
+        Some(v) => v,
+        None => panic!(
+            "metric sample {sample:?} is absent from the exposition; similar samples:\n{}",
+            similar_samples(text, sample)
+        ),
+    }
+}
+
+fn lookup(text: &str, sample: &str) -> Option<f64> {
+    samples(text).find_map(|(name, value)| {
+        if name != sample {
+            return None;
+        }
+        Some(
+            value
+                .parse()
+                .unwrap_or_else(|_| panic!("metric sample {sample:?}: bad value {value:?}")),
+        )
+    })
+}
+
+/// The samples whose metric name matches `sample`'s (or, if none, that share its longest
+/// prefix), one per line, for a failure message.
+fn similar_samples(text: &str, sample: &str) -> String {
+    let base = sample.split('{').next().unwrap_or(sample);
+    let mut found: Vec<&str> = samples(text)
+        .map(|(name, _)| name)
+        .filter(|name| name.split('{').next() == Some(base))
+        .collect();
+    if found.is_empty() {
+        let common = |name: &str| {
+            name.bytes()
+                .zip(sample.bytes())
+                .take_while(|(a, b)| a == b)
+                .count()
+        };
+        let best = samples(text).map(|(n, _)| common(n)).max().unwrap_or(0);
+        found = samples(text)
+            .map(|(name, _)| name)
+            .filter(|name| best > 0 && common(name) == best)
+            .collect();
+    }
+    if found.is_empty() {
+        return "  (none)".to_string();
+    }
+    found
+        .iter()
+        .take(20)
+        .map(|n| format!("  {n}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// An address on which nothing listens: connects are refused at once.
