@@ -23,6 +23,9 @@ pub const MAX_TRIES: u32 = 16;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 8192;
 /// Default time connections get to finish after SIGTERM/SIGINT.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time an admin client has to send a request head (and the longest an idle
+/// keep-alive admin connection is kept).
+pub const DEFAULT_ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One backend: a name (its routing identity), an address, a weight.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +143,9 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Time connections get to finish on shutdown.
     pub drain_timeout: Duration,
+    /// Deadline for an admin request head, from the connection's accept or its last
+    /// response; also the admin keep-alive idle limit.
+    pub admin_header_timeout: Duration,
 }
 
 impl ProxyConfig {
@@ -158,6 +164,7 @@ impl ProxyConfig {
             splice: true,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            admin_header_timeout: DEFAULT_ADMIN_HEADER_TIMEOUT,
         }
     }
 
@@ -191,6 +198,7 @@ impl ProxyConfig {
         for (field, d) in [
             ("--header-timeout", self.header_timeout),
             ("--connect-timeout", self.connect_timeout),
+            ("admin_header_timeout", self.admin_header_timeout),
         ] {
             if d.is_zero() {
                 return invalid(field, "must be greater than zero".into());

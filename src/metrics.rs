@@ -50,6 +50,9 @@ pub const SPLICE_FALLBACKS: &str = "shardproxy_splice_fallbacks_total";
 pub const OPEN_FDS: &str = "shardproxy_open_fds";
 /// The process's soft fd limit.
 pub const FD_LIMIT: &str = "shardproxy_fd_limit";
+/// Admin connections ended, by `result` (`closed`, `header_timeout`, `evicted`, `rejected`,
+/// `lifetime`, `error`).
+pub const ADMIN_CONNECTIONS: &str = "shardproxy_admin_connections_total";
 
 /// Histogram buckets for connect latency, in seconds.
 const CONNECT_BUCKETS: &[f64] = &[
@@ -194,6 +197,13 @@ impl Metrics {
         self.inner
             .fingerprint
             .set((fingerprint & ((1 << 52) - 1)) as f64);
+    }
+
+    /// Registers the admin connection counter for one `result`.
+    pub(crate) fn admin_connections(&self, result: &'static str) -> Counter {
+        self.inner
+            .recorder
+            .register_counter(&key(ADMIN_CONNECTIONS, &[("result", result)]), &METADATA)
     }
 
     /// Registers the handles for one backend.
@@ -350,6 +360,11 @@ fn describe(r: &PrometheusRecorder) {
             SPLICE_FALLBACKS,
             None,
             "Buffered-copy fallbacks taken because no pipe could be had.",
+        ),
+        d(
+            ADMIN_CONNECTIONS,
+            None,
+            "Admin connections ended, by result (evicted, header_timeout, ...).",
         ),
     ];
     for (name, unit, help) in counters {

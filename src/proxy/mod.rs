@@ -151,7 +151,13 @@ pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<Pro
         stop.clone(),
     )));
     if let Some(l) = admin_listener {
-        tasks.push(tokio::spawn(admin::run_admin(l, metrics, stop.clone())));
+        let header_timeout = shared.config.admin_header_timeout;
+        tasks.push(tokio::spawn(admin::run_admin(
+            l,
+            metrics,
+            header_timeout,
+            stop.clone(),
+        )));
     }
     Ok(ProxyHandle {
         local_addr,
