@@ -338,3 +338,37 @@ async fn healthz() -> impl IntoResponse {
         "{\"status\":\"ok\"}\n",
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eviction_takes_the_oldest_unserved_then_the_oldest_served() {
+        let slots = Slots::new();
+        let mut tokens = Vec::new();
+        for (id, served) in [(0, true), (1, false), (2, true), (3, false)] {
+            let slot = Slot {
+                evict: CancellationToken::new(),
+                served: Arc::new(AtomicBool::new(served)),
+            };
+            tokens.push(slot.evict.clone());
+            slots.open().insert(id, slot);
+        }
+        let evicted = |tokens: &[CancellationToken]| {
+            tokens
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| t.is_cancelled())
+                .map(|(i, _)| i)
+                .collect::<Vec<_>>()
+        };
+        for expected in [vec![1], vec![1, 3], vec![0, 1, 3], vec![0, 1, 2, 3]] {
+            slots.evict_oldest();
+            assert_eq!(evicted(&tokens), expected);
+        }
+        // Nothing left to evict: a no-op.
+        slots.evict_oldest();
+        assert_eq!(evicted(&tokens), vec![0, 1, 2, 3]);
+    }
+}
