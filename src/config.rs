@@ -23,6 +23,9 @@ pub const MAX_TRIES: u32 = 16;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 8192;
 /// Default time connections get to finish after SIGTERM/SIGINT.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time an admin client has to send a request head (and the longest an idle
+/// keep-alive admin connection is kept).
+pub const DEFAULT_ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One backend: a name (its routing identity), an address, a weight.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,6 +147,9 @@ pub struct ProxyConfig {
     /// direction copies instead. `None`: a quarter of `max_connections`, within what the fd
     /// limit leaves after the connections.
     pub max_pipes: Option<usize>,
+    /// Deadline for an admin request head, from the connection's accept or its last
+    /// response; also the admin keep-alive idle limit.
+    pub admin_header_timeout: Duration,
 }
 
 impl ProxyConfig {
@@ -163,6 +169,7 @@ impl ProxyConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_pipes: None,
+            admin_header_timeout: DEFAULT_ADMIN_HEADER_TIMEOUT,
         }
     }
 
@@ -196,6 +203,7 @@ impl ProxyConfig {
         for (field, d) in [
             ("--header-timeout", self.header_timeout),
             ("--connect-timeout", self.connect_timeout),
+            ("admin_header_timeout", self.admin_header_timeout),
         ] {
             if d.is_zero() {
                 return invalid(field, "must be greater than zero".into());

@@ -54,6 +54,9 @@ pub const PIPES_OPEN: &str = "shardproxy_pipes_open";
 pub const PIPE_LIMIT: &str = "shardproxy_pipe_limit";
 /// The process's soft fd limit.
 pub const FD_LIMIT: &str = "shardproxy_fd_limit";
+/// Admin connections ended, by `result` (`closed`, `header_timeout`, `evicted`, `rejected`,
+/// `lifetime`, `error`).
+pub const ADMIN_CONNECTIONS: &str = "shardproxy_admin_connections_total";
 
 /// Histogram buckets for connect latency, in seconds.
 const CONNECT_BUCKETS: &[f64] = &[
@@ -206,6 +209,13 @@ impl Metrics {
         self.inner
             .fingerprint
             .set((fingerprint & ((1 << 52) - 1)) as f64);
+    }
+
+    /// Registers the admin connection counter for one `result`.
+    pub(crate) fn admin_connections(&self, result: &'static str) -> Counter {
+        self.inner
+            .recorder
+            .register_counter(&key(ADMIN_CONNECTIONS, &[("result", result)]), &METADATA)
     }
 
     /// Registers the handles for one backend.
@@ -392,6 +402,11 @@ fn describe(r: &PrometheusRecorder) {
             SPLICE_FALLBACKS,
             None,
             "Buffered-copy fallbacks taken because no pipe could be had.",
+        ),
+        d(
+            ADMIN_CONNECTIONS,
+            None,
+            "Admin connections ended, by result (evicted, header_timeout, ...).",
         ),
     ];
     for (name, unit, help) in counters {

@@ -37,9 +37,9 @@ use crate::metrics::Metrics;
 
 /// Listen backlog: the kernel queue absorbs bursts while the accept loop catches up.
 const LISTEN_BACKLOG: i32 = 4096;
-/// fds kept free when sizing connections and pipes: listeners, the admin listener's
-/// connections (capped at 64), logs, the process's own files.
-const FD_RESERVE: u64 = 128;
+/// fds kept free when sizing connections and pipes: the admin listener's connections (its
+/// own cap, [`admin::ADMIN_MAX_FDS`]) plus 64 for listeners, logs and the process's files.
+const FD_RESERVE: u64 = admin::ADMIN_MAX_FDS as u64 + 64;
 
 /// State shared by the accept loop and every connection task.
 pub(crate) struct Shared {
@@ -155,7 +155,13 @@ pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<Pro
         stop.clone(),
     )));
     if let Some(l) = admin_listener {
-        tasks.push(tokio::spawn(admin::run_admin(l, metrics, stop.clone())));
+        let header_timeout = shared.config.admin_header_timeout;
+        tasks.push(tokio::spawn(admin::run_admin(
+            l,
+            metrics,
+            header_timeout,
+            stop.clone(),
+        )));
     }
     Ok(ProxyHandle {
         local_addr,
