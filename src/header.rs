@@ -1,4 +1,4 @@
-//! The key header: the wire format a client sends first (DESIGN §2).
+//! The key header: the wire format a client sends first ([docs/design.md §2](../docs/design.md)).
 //!
 //! `[len][key]` — `len` is an unsigned integer of 1, 2 or 4 bytes (big-endian by default),
 //! then `len` bytes of key. This module owns the format and its pure parser; it never touches

@@ -48,7 +48,9 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 pub use super::io::Activity;
-use super::io::{buf_writer, copy_step, deliver, pipe_writer, splice_step, Chunk, End};
+use super::io::{
+    buf_writer, copy_step, deliver, pipe_writer, send_queues, splice_step, Chunk, End,
+};
 use super::pipe::{self, Pipe};
 use super::sockopt::shutdown_write;
 use crate::error::{ConnError, Side};
@@ -58,8 +60,9 @@ use crate::metrics::Metrics;
 pub const COPY_CHUNK: usize = 16 * 1024;
 
 /// Bytes a direction moves before the other gets its turn (checked after each chunk, so a
-/// turn is at least one chunk).
-pub const TURN_BYTES: usize = 256 * 1024;
+/// turn is at least one chunk). Unit tests use one copy chunk, so a turn's end is visible
+/// with the little data a socket queues unread.
+pub const TURN_BYTES: usize = if cfg!(test) { COPY_CHUNK } else { 256 * 1024 };
 
 thread_local! {
     /// The copy buffer of this worker thread's pumps. A pump uses it only inside one poll,
@@ -123,12 +126,19 @@ enum Turn {
     Done,
 }
 
-/// The idle timeout's clock.
+/// The idle timeout's clock: 16 bytes in the connection's future, the rest boxed (only
+/// connections with an idle timeout pay for it).
 struct Idle<'a> {
-    limit: Duration,
     /// When a byte last moved either way (deliveries record themselves).
     activity: &'a Activity,
+    clock: Box<IdleClock>,
+}
+
+struct IdleClock {
+    limit: Duration,
     timer: Pin<Box<Sleep>>,
+    /// The send queues at the last deadline ([`send_queues`]).
+    queued: u64,
 }
 
 /// Both directions of a connection, driven by one poll function.
@@ -183,9 +193,12 @@ impl<'a> Forward<'a> {
             pumps: [pump(), pump()],
             metrics,
             idle: opts.idle_timeout.map(|limit| Idle {
-                limit,
                 activity,
-                timer: Box::pin(tokio::time::sleep(limit)),
+                clock: Box::new(IdleClock {
+                    limit,
+                    timer: Box::pin(tokio::time::sleep(limit)),
+                    queued: 0,
+                }),
             }),
             fin_sent: false,
             kill_registered: false,
@@ -241,20 +254,20 @@ impl<'a> Forward<'a> {
                 to_client: self.pumps[1].total,
             }));
         }
-        if let Some(idle) = &mut self.idle {
-            while idle.timer.as_mut().poll(cx).is_ready() {
-                let mut deadline = idle.activity.last() + idle.limit;
+        if let Some(Idle { activity, clock }) = &mut self.idle {
+            while clock.timer.as_mut().poll(cx).is_ready() {
+                let mut deadline = activity.last() + clock.limit;
                 if Instant::now() >= deadline {
                     // Nothing delivered for the whole limit; but a slow reader may still be
                     // draining what was delivered before (the kernel's send queue).
-                    let ends = [self.ends[0].stream, self.ends[1].stream];
-                    if !idle.activity.queues_moved(ends) {
+                    let queued = send_queues([self.ends[0].stream, self.ends[1].stream]);
+                    if std::mem::replace(&mut clock.queued, queued) == queued {
                         return Poll::Ready(Err(ConnError::Idle));
                     }
-                    idle.activity.touch();
-                    deadline = idle.activity.last() + idle.limit;
+                    activity.touch();
+                    deadline = activity.last() + clock.limit;
                 }
-                idle.timer.as_mut().reset(deadline);
+                clock.timer.as_mut().reset(deadline);
             }
         }
         Poll::Pending
@@ -390,5 +403,112 @@ impl<'a> Forward<'a> {
             }
         }
         Ok(Some(chunk))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    use metrics::CounterFn;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A byte counter that also tells how far the upload had got when the other direction
+    /// first delivered.
+    struct Hook {
+        upload: Arc<AtomicU64>,
+        /// Set on the download's counter: the upload's bytes at its first delivery.
+        seen: Option<Arc<AtomicU64>>,
+    }
+
+    impl CounterFn for Hook {
+        fn increment(&self, value: u64) {
+            match &self.seen {
+                None => {
+                    self.upload.fetch_add(value, Ordering::SeqCst);
+                }
+                Some(seen) => {
+                    let now = self.upload.load(Ordering::SeqCst);
+                    let _ =
+                        seen.compare_exchange(u64::MAX, now, Ordering::SeqCst, Ordering::SeqCst);
+                }
+            }
+        }
+        fn absolute(&self, _: u64) {}
+    }
+
+    async fn pair(l: &TcpListener) -> (std::net::TcpStream, TcpStream) {
+        let far = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (near, _) = l.accept().await.unwrap();
+        (far.into_std().unwrap(), near)
+    }
+
+    /// Regression (issue 7): the upload pump was always polled first and ran until its
+    /// source was empty or tokio's coop budget ended (~32 MiB), so a reply waited behind it.
+    /// Now a turn ends after TURN_BYTES and the reply goes next.
+    #[tokio::test]
+    async fn a_busy_direction_leaves_the_other_its_turn() {
+        for splice in [true, false] {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let (mut client, proxy_client) = pair(&l).await;
+            let (mut backend, proxy_backend) = pair(&l).await;
+            // Queue as much upload as the kernel takes unread, and one ping the other way.
+            let chunk = vec![1u8; 64 * 1024];
+            let mut queued = 0;
+            while let Ok(n) = client.write(&chunk) {
+                queued += n;
+            }
+            backend.set_nonblocking(false).unwrap();
+            backend.write_all(b"PING1234").unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+
+            let upload = Arc::new(AtomicU64::new(0));
+            let seen = Arc::new(AtomicU64::new(u64::MAX));
+            let to_backend = Counter::from_arc(Arc::new(Hook {
+                upload: upload.clone(),
+                seen: None,
+            }));
+            let to_client = Counter::from_arc(Arc::new(Hook {
+                upload: upload.clone(),
+                seen: Some(seen.clone()),
+            }));
+            let metrics = Metrics::new();
+            let activity = Activity::new();
+            let opts = ForwardOptions {
+                idle_timeout: None,
+                splice,
+            };
+            let mut forward = Forward::new(
+                &proxy_client,
+                &proxy_backend,
+                &to_backend,
+                &to_client,
+                opts,
+                &metrics,
+                &activity,
+            );
+            let kill = CancellationToken::new();
+            // Never ends by itself (no FIN): run it until both directions wait.
+            let _ = tokio::time::timeout(Duration::from_millis(300), forward.run(&kill)).await;
+            let moved = upload.load(Ordering::SeqCst);
+            let before_ping = seen.load(Ordering::SeqCst);
+            assert!(
+                moved >= 4 * TURN_BYTES as u64,
+                "set-up: only {moved} of {queued} queued bytes moved; the test proves nothing"
+            );
+            assert_ne!(
+                before_ping,
+                u64::MAX,
+                "splice {splice}: the ping never moved"
+            );
+            assert!(
+                before_ping <= (TURN_BYTES + COPY_CHUNK) as u64,
+                "splice {splice}: the ping waited behind {before_ping} upload bytes"
+            );
+        }
     }
 }

@@ -66,16 +66,11 @@ impl End<'_> {
 /// When a byte last moved on a connection, either way: what the idle timeout measures.
 /// Every delivery records itself, partial ones included, so a slow but moving transfer is
 /// never cut as idle. An atomic (relaxed) only because a stalled delivery's future must be
-/// `Send`; one task owns a connection, so there is no contention.
-///
-/// Bytes the proxy already handed to the kernel still move while a slow reader drains them
-/// from the socket's send queue; [`Activity::queues_moved`] lets the idle check see that.
+/// `Send`; one task owns a connection, so there is no contention. 8 bytes: nanoseconds
+/// since a process-wide epoch.
 #[derive(Debug)]
 pub struct Activity {
-    /// Nanoseconds since a process-wide epoch.
     last_nanos: AtomicU64,
-    /// The two sockets' send-queue lengths at the last idle check, packed.
-    queued: AtomicU64,
 }
 
 /// The process-wide origin of [`Activity`] times.
@@ -89,7 +84,6 @@ impl Activity {
     pub fn new() -> Self {
         let a = Activity {
             last_nanos: AtomicU64::new(0),
-            queued: AtomicU64::new(0),
         };
         a.touch();
         a
@@ -101,15 +95,6 @@ impl Activity {
         let since = Instant::now().saturating_duration_since(epoch);
         let nanos = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX);
         self.last_nanos.store(nanos, Ordering::Relaxed);
-    }
-
-    /// Whether the send queues of `ends` changed since the last call (bytes the proxy had
-    /// delivered were taken by a slow reader since then): checked only when the idle
-    /// timeout is due, so it costs two ioctls per idle period, none per byte.
-    pub(super) fn queues_moved(&self, ends: [&TcpStream; 2]) -> bool {
-        let [a, b] = ends.map(|s| super::sockopt::unsent_bytes(s).unwrap_or(0));
-        let now = (u64::from(a) << 32) | u64::from(b);
-        self.queued.swap(now, Ordering::Relaxed) != now
     }
 
     /// When bytes last moved (the start, if none have).
@@ -367,6 +352,15 @@ async fn wait_writable(src: &End<'_>, dst: &End<'_>) -> Result<(), ConnError> {
             Err(src.fail(source))
         }
     }
+}
+
+/// The two sockets' send-queue lengths, packed: bytes the proxy delivered that the peers have
+/// not acknowledged yet. Bytes the proxy handed to the kernel still move while a slow reader
+/// drains them, so the idle check compares this between its deadlines (two ioctls per idle
+/// period, none per byte).
+pub(super) fn send_queues(ends: [&TcpStream; 2]) -> u64 {
+    let [a, b] = ends.map(|s| super::sockopt::unsent_bytes(s).unwrap_or(0));
+    (u64::from(a) << 32) | u64::from(b)
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Routing: which node owns a key (DESIGN §3). A contract that must never change silently.
+//! Routing: which node owns a key ([docs/design.md §3](../../docs/design.md)). A contract that must never change silently.
 //!
 //! Rendezvous (highest random weight) hashing through the `rendezvous_hash` crate, with the
 //! stable [`StableNodeHasher`] and the crate's logarithmic weighting
