@@ -374,3 +374,73 @@ async fn drain_deadline_resets_both_sides() {
         uploader.abort();
     }
 }
+
+/// An address whose connects hang: a listener that never accepts, its backlog filled, so
+/// the kernel drops further SYNs (the connect neither completes nor fails).
+async fn hanging_backend() -> (SocketAddr, Vec<std::net::TcpStream>, socket2::Socket) {
+    use socket2::{Domain, Socket, Type};
+    let l = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    l.bind(&any_port().into()).expect("bind");
+    l.listen(1).expect("listen");
+    let addr = l.local_addr().expect("addr").as_socket().expect("inet");
+    let mut fill = Vec::new();
+    // A backlog of 1 holds two completed handshakes; a few more attempts make sure.
+    for _ in 0..4 {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        s.set_nonblocking(true).expect("nonblocking");
+        let _ = s.connect(&addr.into());
+        fill.push(s.into());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (addr, fill, l)
+}
+
+/// The drain deadline ends every phase: a client still sending its header and one whose
+/// backend connect hangs are cut at the deadline (reset), not after their own longer
+/// timeouts. Before, shutdown waited out the header and connect timeouts.
+#[tokio::test]
+async fn drain_deadline_ends_header_and_connect_phases() {
+    let (addr, _fill, _listener) = hanging_backend().await;
+    let proxy = start_proxy(vec![spec(addr)], |c: &mut ProxyConfig| {
+        c.header_timeout = Duration::from_secs(60);
+        c.connect_timeout = Duration::from_secs(60);
+        c.drain_timeout = Duration::from_millis(300);
+    })
+    .await;
+    // One client sends half a header; the other a whole one, and its connect hangs.
+    let mut half = TcpStream::connect(proxy.local_addr())
+        .await
+        .expect("connect");
+    half.write_all(&header()[..3]).await.expect("half a header");
+    let mut whole = TcpStream::connect(proxy.local_addr())
+        .await
+        .expect("connect");
+    whole.write_all(&header()).await.expect("header");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = proxy.metrics_text();
+    assert_eq!(
+        metric(&text, "shardproxy_connections_active"),
+        2.0,
+        "both clients are still in their phases:\n{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "shardproxy_backend_connections_total{backend=\"only\"}"
+        ),
+        0.0,
+        "the backend connect was meant to hang:\n{text}"
+    );
+    let cut = tokio::time::timeout(Duration::from_secs(20), proxy.shutdown())
+        .await
+        .expect("shutdown ends at the drain deadline, not after 60 s phase timeouts");
+    assert_eq!(cut, 2);
+    for (c, phase) in [(&mut half, "header"), (&mut whole, "connect")] {
+        let mut buf = [0u8; 16];
+        let r = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{phase}: the client was left open"));
+        let err = r.expect_err(&format!("{phase}: closed with FIN, not reset"));
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{phase}: {err}");
+    }
+}

@@ -79,8 +79,12 @@ fn sizes() -> Vec<i64> {
     SIZES.iter().map(|a| a.load(Ordering::Relaxed)).collect()
 }
 
+/// The tests here measure the whole process's heap: one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "current_thread")]
 async fn idle_connection_heap_cost() {
+    let _one = ONE_AT_A_TIME.lock().await;
     // The backend: accepts into a preallocated vector on a plain thread, never reads.
     let listener = TcpListener::bind(any_port()).unwrap();
     let backend_addr = listener.local_addr().unwrap();
@@ -154,4 +158,59 @@ async fn idle_connection_heap_cost() {
     );
     drop(clients);
     drop(held);
+}
+
+/// Slow clients that have not sent their header's length yet: with `--max-key-len` at its
+/// 64 KiB maximum, each used to hold a buffer of the longest possible header (64 KiB) for the
+/// whole header phase. Now the buffer starts small and grows only to the header a client
+/// announces.
+#[tokio::test(flavor = "current_thread")]
+async fn slow_header_heap_cost() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    const SLOW: usize = 300;
+    /// The header phase's boxed state plus a 512-byte first-read buffer, with room; the old
+    /// cost was over 64 KiB.
+    const BUDGET: i64 = 4096;
+    let proxy = start_proxy(
+        vec![BackendSpec {
+            name: "b1".into(),
+            addr: refusing_addr(),
+            weight: 1,
+        }],
+        |c| {
+            c.admin = None;
+            c.header.len_bytes = shardproxy::header::LenBytes::Four;
+            c.header.max_key_len = shardproxy::config::MAX_KEY_LEN_LIMIT;
+        },
+    )
+    .await;
+    let addr = proxy.local_addr();
+    {
+        // Warm-up, as above.
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(&[0]).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut clients: Vec<TcpStream> = Vec::with_capacity(SLOW);
+    let before = live();
+    let opener = std::thread::spawn(move || {
+        for _ in 0..SLOW {
+            let mut s = TcpStream::connect(addr).unwrap();
+            // One byte of a four-byte length: the header phase waits for the rest.
+            s.write_all(&[0]).unwrap();
+            clients.push(s);
+        }
+        clients
+    });
+    let clients = tokio::task::spawn_blocking(move || opener.join().unwrap())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let per_conn = (live().0 - before.0) / SLOW as i64;
+    eprintln!("a client in the header phase holds {per_conn} heap bytes");
+    assert!(
+        per_conn <= BUDGET,
+        "a client in the header phase holds {per_conn} heap bytes (budget {BUDGET})"
+    );
+    drop(clients);
 }
