@@ -1,4 +1,4 @@
-//! `shardproxy demo`: the first thing a newcomer runs.
+//! `shardproxy demo`: the first thing a newcomer runs. Part of the binary, not the library.
 //!
 //! Starts three echo backends and the proxy in this process on loopback, sends a burst of
 //! keyed connections with random payloads, checks every byte and every routing decision
@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::task::JoinSet;
 
-use crate::client::round_trip;
-use crate::config::{BackendSpec, ProxyConfig};
-use crate::echo::EchoBackend;
-use crate::header::HeaderFormat;
-use crate::routing::Router;
+use shardproxy::config::{BackendSpec, ProxyConfig};
+use shardproxy::fixtures::client::round_trip;
+use shardproxy::fixtures::echo::EchoBackend;
+use shardproxy::header::HeaderFormat;
+use shardproxy::routing::Router;
 
 /// Names of the demo backends.
 const NAMES: [&str; 3] = ["shard-a", "shard-b", "shard-c"];
@@ -80,7 +80,7 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
         .collect();
     let mut config = ProxyConfig::new(loopback, specs.clone());
     config.connect_timeout = Duration::from_millis(500);
-    let proxy = crate::start(config).await.map_err(|e| setup(&e))?;
+    let proxy = shardproxy::start(config).await.map_err(|e| setup(&e))?;
     let addr = proxy.local_addr();
     let router =
         Router::new(specs.iter().map(|s| (s.name.as_str(), s.weight))).map_err(|e| setup(&e))?;

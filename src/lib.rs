@@ -6,26 +6,25 @@
 //! Modules, in the order a connection meets them:
 //! - [`config`]: every limit and timeout, validated before anything binds.
 //! - [`header`]: the key header wire format and its pure parser (never touches a socket).
-//! - [`routing`]: the stable rendezvous [`Router`] — public so a client can shard by itself.
-//! - [`backend`]: the routing table snapshot the data path reads (router + addresses).
+//! - [`routing`]: the stable rendezvous [`Router`] — public so a client can shard by itself —
+//!   and the [`RoutingTable`](routing::RoutingTable) snapshot the data path reads (router +
+//!   addresses).
 //! - [`proxy`]: listener, connection phases, splice forwarding, socket options.
 //! - [`metrics`]: metric names in one place and the handles the data path bumps.
 //! - `admin`: `/metrics` and `/healthz` over HTTP.
 //! - [`error`]: error enums per layer, each classified by side and reason.
 //! - [`cli`]: the command-line flags (clap).
-//! - [`echo`], [`client`], [`demo`]: the demo backend, a client that speaks to it, and the
-//!   `shardproxy demo` walkthrough.
+//! - `fixtures`: the echo backend and a client that speaks to it, for tests, benchmarks and
+//!   the binary's `demo` and `backend` subcommands — hidden from the documented API.
 
 #![warn(missing_docs)]
 
 mod admin;
-pub mod backend;
 pub mod cli;
-pub mod client;
 pub mod config;
-pub mod demo;
-pub mod echo;
 pub mod error;
+#[doc(hidden)]
+pub mod fixtures;
 pub mod header;
 pub mod metrics;
 pub mod proxy;

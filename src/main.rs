@@ -5,6 +5,8 @@
 //! `--drain-timeout`) and exits 0; a second signal during the drain exits at once with 1,
 //! cutting what is left.
 
+mod demo;
+
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -54,11 +56,11 @@ async fn dispatch(command: Command) -> ExitCode {
         Command::Run(args) => run(args).await,
         Command::Route(args) => route(args),
         Command::Demo(args) => {
-            let opts = shardproxy::demo::DemoOptions {
+            let opts = demo::DemoOptions {
                 keys: args.keys,
                 ..Default::default()
             };
-            match shardproxy::demo::run(opts).await {
+            match demo::run(opts).await {
                 Ok(report) => {
                     print!("{report}");
                     ExitCode::SUCCESS
@@ -137,7 +139,7 @@ async fn backend(args: cli::BackendArgs) -> ExitCode {
     let Some(mut signals) = Signals::install() else {
         return ExitCode::FAILURE;
     };
-    match shardproxy::echo::EchoBackend::start(args.listen, &args.name).await {
+    match shardproxy::fixtures::echo::EchoBackend::start(args.listen, &args.name).await {
         Ok(b) => {
             println!("backend {} listening on {}", b.name(), b.local_addr());
             signals.recv().await;
@@ -156,7 +158,14 @@ async fn client(args: cli::ClientArgs) -> ExitCode {
     let payload: Vec<u8> = (0..args.payload).map(|i| (i % 251) as u8).collect();
     let mut failed = false;
     for text in &args.keys {
-        match shardproxy::client::round_trip(args.connect, &fmt, text.as_bytes(), &payload).await {
+        match shardproxy::fixtures::client::round_trip(
+            args.connect,
+            &fmt,
+            text.as_bytes(),
+            &payload,
+        )
+        .await
+        {
             Ok(reply) => println!(
                 "{text}\t{}\t{} bytes verified",
                 reply.backend, reply.verified

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use shardproxy::client::round_trip;
+use shardproxy::fixtures::client::round_trip;
 use shardproxy::HeaderFormat;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

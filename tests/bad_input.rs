@@ -14,8 +14,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use shardproxy::client::{read_name, round_trip};
 use shardproxy::config::{BackendSpec, ProxyConfig};
+use shardproxy::fixtures::client::{read_name, round_trip};
 use shardproxy::header::{HeaderError, Parse};
 use shardproxy::{HeaderFormat, ProxyHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -19,9 +19,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use shardproxy::client::round_trip;
 use shardproxy::config::{BackendSpec, Failover};
-use shardproxy::echo::EchoBackend;
+use shardproxy::fixtures::client::round_trip;
+use shardproxy::fixtures::echo::EchoBackend;
 use shardproxy::{HeaderFormat, ProxyHandle, Router};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

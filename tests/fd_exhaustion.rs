@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use nix::sys::resource::{getrusage, UsageWho};
-use shardproxy::client::round_trip;
+use shardproxy::fixtures::client::round_trip;
 use shardproxy::HeaderFormat;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;

@@ -151,7 +151,7 @@ async fn urgent_byte_download_arrives_whole() {
 /// "drained", and the rest waited for a next packet that never came.
 #[tokio::test]
 async fn urgent_byte_mid_conversation_is_not_held_back() {
-    let echo = shardproxy::echo::EchoBackend::start(any_port(), "only")
+    let echo = shardproxy::fixtures::echo::EchoBackend::start(any_port(), "only")
         .await
         .expect("echo");
     for (splice, mode) in modes() {

@@ -17,8 +17,8 @@ use std::io;
 use std::time::Duration;
 
 use common::*;
-use shardproxy::client::round_trip;
 use shardproxy::config::{BackendSpec, ProxyConfig};
+use shardproxy::fixtures::client::round_trip;
 use shardproxy::header::{Endian, HeaderError, HeaderFormat, HeaderMode, LenBytes};
 use shardproxy::{ProxyHandle, Router};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

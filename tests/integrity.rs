@@ -13,8 +13,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use shardproxy::client::read_name;
 use shardproxy::config::BackendSpec;
+use shardproxy::fixtures::client::read_name;
 use shardproxy::header::HeaderMode;
 use shardproxy::{HeaderFormat, ProxyHandle};
 use socket2::SockRef;

@@ -14,8 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{any_port, http_get, metric};
-use shardproxy::client::round_trip;
-use shardproxy::echo::EchoBackend;
+use shardproxy::fixtures::client::round_trip;
+use shardproxy::fixtures::echo::EchoBackend;
 use shardproxy::{HeaderFormat, Router};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

@@ -16,9 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use shardproxy::client::{read_name, round_trip};
 use shardproxy::config::BackendSpec;
-use shardproxy::echo::EchoBackend;
+use shardproxy::fixtures::client::{read_name, round_trip};
+use shardproxy::fixtures::echo::EchoBackend;
 use shardproxy::{HeaderFormat, Router};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use shardproxy::client::round_trip;
+use shardproxy::fixtures::client::round_trip;
 use shardproxy::HeaderFormat;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use shardproxy::client::read_name;
+use shardproxy::fixtures::client::read_name;
 use shardproxy::HeaderFormat;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -18,11 +18,11 @@ use tokio::time::{timeout, Instant};
 
 use super::sockopt::set_stream_options;
 use super::Shared;
-use crate::backend::RoutingTable;
 use crate::config::MAX_TRIES;
 use crate::error::ConnError;
 use crate::metrics::ConnectFailure;
 use crate::routing::KeyDigest;
+use crate::routing::RoutingTable;
 
 /// Why one connect attempt failed, by whose fault.
 #[derive(Debug)]

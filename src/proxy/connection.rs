@@ -355,7 +355,7 @@ mod size_tests {
                 vec!["a=127.0.0.1:1".parse().unwrap()],
             );
             let metrics = crate::metrics::Metrics::new();
-            let table = crate::backend::RoutingTable::build(&cfg.backends, 1, &metrics).unwrap();
+            let table = crate::routing::RoutingTable::build(&cfg.backends, 1, &metrics).unwrap();
             let shared = Arc::new(super::super::Shared::for_tests(cfg, table, metrics));
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();

@@ -30,10 +30,10 @@ pub use pipe::DEFAULT_PIPE_SIZE;
 pub(crate) use pipe::{limit as pipe_limit, open_count as pipes_open};
 
 use crate::admin;
-use crate::backend::RoutingTable;
 use crate::config::{BackendSpec, ProxyConfig};
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::routing::RoutingTable;
 
 /// Listen backlog: the kernel queue absorbs bursts while the accept loop catches up.
 const LISTEN_BACKLOG: i32 = 4096;

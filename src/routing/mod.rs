@@ -15,6 +15,7 @@
 //!   allocates) — for tools, the admin API and tests.
 
 mod hasher;
+mod table;
 
 use std::sync::Arc;
 
@@ -22,6 +23,7 @@ use rendezvous_hash::{Capacity, IdNode, Node, RendezvousNodes, WeightedNode};
 use xxhash_rust::xxh3::Xxh3;
 
 pub use hasher::{raw_score, KeyDigest, NodeId, StableNodeHasher};
+pub use table::{Backend, RoutingTable};
 
 /// Largest weight a node may have.
 pub const MAX_WEIGHT: u32 = 1_000_000;

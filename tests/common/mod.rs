@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use shardproxy::config::{BackendSpec, ProxyConfig};
-use shardproxy::echo::EchoBackend;
+use shardproxy::fixtures::echo::EchoBackend;
 use shardproxy::ProxyHandle;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
