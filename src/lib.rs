@@ -18,6 +18,9 @@
 //!   the binary's `demo` and `backend` subcommands — hidden from the documented API.
 
 #![warn(missing_docs)]
+// `unsafe` only where neither nix nor socket2 has a safe API: two socket calls in
+// `proxy::sockopt`, each allowed where it stands, with a `// SAFETY:` comment.
+#![deny(unsafe_code)]
 
 mod admin;
 pub mod cli;

@@ -1,8 +1,8 @@
 //! Socket and process options the proxy sets: fd limit, linger, half-close, urgent data in
 //! line, and the `TCP_INQ` read hint.
 //!
-//! Thin wrappers over `socket2` and `nix`; no socket is created here. The one `unsafe` block
-//! sets `TCP_INQ`, which neither crate wraps.
+//! Thin wrappers over `socket2` and `nix`; no socket is created here. The crate's only two
+//! `unsafe` blocks are here: `TCP_INQ` and `SIOCOUTQ`, which neither crate wraps.
 
 use std::io;
 use std::net::Shutdown;
@@ -58,6 +58,7 @@ pub fn set_stream_options(socket: &socket2::Socket) -> io::Result<()> {
 
 /// Turns on `TCP_INQ` (Linux 4.18+): each `recvmsg` then carries a `TCP_CM_INQ` control
 /// message with the bytes still queued.
+#[allow(unsafe_code)]
 pub fn enable_inq(socket: &impl AsFd) -> io::Result<()> {
     let one: nix::libc::c_int = 1;
     // SAFETY: the fd is open for the borrow's duration; the option value points to a live
@@ -80,6 +81,7 @@ pub fn enable_inq(socket: &impl AsFd) -> io::Result<()> {
 
 /// Bytes in `stream`'s send queue: written by the proxy but not yet acknowledged by the peer
 /// (`SIOCOUTQ`). A slow reader drains it; a stalled one leaves it unchanged.
+#[allow(unsafe_code)]
 pub fn unsent_bytes(stream: &impl AsFd) -> io::Result<u32> {
     let mut queued: nix::libc::c_int = 0;
     // SAFETY: the fd is open for the borrow's duration, and SIOCOUTQ writes exactly one
