@@ -116,6 +116,8 @@ const FLOOD: usize = 2500;
 const RECONNECT_PAUSE: Duration = Duration::from_millis(250);
 /// Round trips the good host makes, one after the other.
 const GOOD_TRIPS: usize = 200;
+/// Pause before each good round trip.
+const GOOD_PAUSE: Duration = Duration::from_millis(10);
 
 /// One flood socket: connect, announce a 255-byte key and send one byte of it per second —
 /// the header never completes — until the proxy closes it; then reconnect after a pause.
@@ -180,6 +182,9 @@ async fn slow_header_flood_from_one_host_does_not_lock_out_another() {
         let mut ok = 0;
         let mut failures = Vec::new();
         for i in 0..GOOD_TRIPS {
+            // Spread over a few of the flood's reconnect rounds, so the good client meets the
+            // flood's churn and not only its first wave.
+            tokio::time::sleep(GOOD_PAUSE).await;
             let payload = format!("good round trip {i}").into_bytes();
             let key = key(i);
             let trip = tokio::time::timeout(
