@@ -5,7 +5,10 @@
 //!   good client on another address keeps being served.
 //! - At `--max-connections` the proxy stops accepting instead of accepting and closing: a new
 //!   client waits in the kernel backlog and is served once a slot frees.
-//! - The per-source cap counts per source and never affects another source.
+//! - The per-source cap counts per source and never affects another source; a burst whose
+//!   headers are already queued is not taken for a flood.
+//! - A full header-phase budget pauses accepting (clients wait, then are served).
+//! - A persistent accept error (not fd exhaustion) backs off instead of spinning.
 //!
 //! The flood and the good client look like different hosts by binding their sockets to
 //! 127.0.0.1 and 127.0.0.2.
@@ -499,6 +502,55 @@ async fn persistent_accept_error_backs_off() {
             0.0
         );
         proxy.shutdown().await;
+    })
+    .await;
+}
+
+/// With the header-phase budget full (silent clients from several hosts), the proxy stops
+/// accepting rather than closing: a new client waits, unanswered but open, and is served once
+/// a silent client completes its header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_header_budget_pauses_accepting() {
+    const PAUSED: &str = "shardproxy_accept_paused_total{reason=\"pending_headers\"}";
+    guard(async {
+        let backends = echo_backends(1).await;
+        let proxy = start_proxy(specs(&backends), |cfg| {
+            cfg.header_timeout = Duration::from_secs(60);
+            cfg.max_pending_headers = Some(2);
+            cfg.max_pending_headers_per_source = Some(1);
+        })
+        .await;
+        let addr = proxy.local_addr();
+        let fmt = HeaderFormat::default();
+        let mut silent = vec![
+            silent_from([127, 0, 0, 1].into(), addr).await,
+            silent_from([127, 0, 0, 2].into(), addr).await,
+        ];
+        wait_metrics(&proxy, |t| metric(t, PENDING) >= 2.0).await;
+
+        let mut wire = fmt.encode(b"after the budget").unwrap();
+        wire.extend_from_slice(b"served once a header completes");
+        let mut waiting = connect_from([127, 0, 0, 3].into(), addr).await.unwrap();
+        waiting.write_all(&wire).await.unwrap();
+        waiting.shutdown().await.unwrap();
+        wait_metrics(&proxy, |t| metric(t, ACCEPTED) >= 3.0).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        expect_open(&waiting, "the client waiting for a header-phase slot");
+        assert_eq!(metric(&proxy.metrics_text(), PAUSED), 1.0);
+
+        // One silent client completes its header: its slot goes to the waiting one.
+        silent[0]
+            .write_all(&fmt.encode(b"finally").unwrap())
+            .await
+            .unwrap();
+        assert_eq!(read_name(&mut silent[0]).await.unwrap(), "b1");
+        assert_eq!(read_name(&mut waiting).await.unwrap(), "b1");
+        let mut echoed = Vec::new();
+        waiting.read_to_end(&mut echoed).await.unwrap();
+        assert_eq!(echoed, wire);
+        expect_open(&silent[1], "the other silent client");
+        let text = proxy.metrics_text();
+        assert_eq!(rejected(&text, "source_pending_headers"), 0.0, "{text}");
     })
     .await;
 }
