@@ -522,7 +522,7 @@ async fn full_header_budget_pauses_accepting() {
         .await;
         let addr = proxy.local_addr();
         let fmt = HeaderFormat::default();
-        let mut silent = vec![
+        let mut silent = [
             silent_from([127, 0, 0, 1].into(), addr).await,
             silent_from([127, 0, 0, 2].into(), addr).await,
         ];
