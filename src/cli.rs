@@ -118,9 +118,17 @@ pub struct RunArgs {
     /// Copy through a user-space buffer instead of splice(2).
     #[arg(long)]
     pub no_splice: bool,
-    /// Concurrent client connections; more are closed at once and counted.
+    /// Concurrent client connections; at the limit new clients wait in the kernel backlog.
     #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
+    /// Connections allowed in the header phase at once; at the limit new clients wait in the
+    /// kernel backlog [default: a quarter of --max-connections].
+    #[arg(long, value_name = "N")]
+    pub max_pending_headers: Option<usize>,
+    /// Header-phase connections one source (IPv4 address or IPv6 /64) may hold; more are
+    /// closed at once and counted [default: an eighth of --max-pending-headers].
+    #[arg(long, value_name = "N")]
+    pub max_pending_headers_per_source: Option<usize>,
     /// Time connections get to finish after SIGTERM/SIGINT.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -149,6 +157,8 @@ impl RunArgs {
         c.idle_timeout = self.idle_timeout.0;
         c.splice = !self.no_splice;
         c.max_connections = self.max_connections;
+        c.max_pending_headers = self.max_pending_headers;
+        c.max_pending_headers_per_source = self.max_pending_headers_per_source;
         c.drain_timeout = self.drain_timeout;
         c.max_pipes = self.max_pipes;
         c
@@ -275,6 +285,10 @@ mod tests {
             "--strip-header",
             "--idle-timeout",
             "1m",
+            "--max-pending-headers",
+            "100",
+            "--max-pending-headers-per-source",
+            "10",
         ])
         .unwrap();
         let Command::Run(run) = cli.command else {
@@ -288,6 +302,8 @@ mod tests {
         assert_eq!(c.header.endian, Endian::Little);
         assert_eq!(c.header.mode, HeaderMode::Strip);
         assert_eq!(c.idle_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(c.max_pending_headers, Some(100));
+        assert_eq!(c.max_pending_headers_per_source, Some(10));
         c.validate().unwrap();
     }
 

@@ -21,6 +21,13 @@ pub const MAX_TRIES: u32 = 16;
 /// Default cap on concurrent client connections (each costs two sockets, plus pipes while
 /// data moves); lowered at start if the fd limit cannot carry it.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 8192;
+/// By default the header-phase budget is `max_connections` divided by this: connections
+/// past their header keep at least three quarters of the slots.
+pub const PENDING_HEADERS_DIVISOR: usize = 4;
+/// By default one source may hold the header-phase budget divided by this: a flood needs
+/// this many hosts to fill it, while one client host can still open a burst of connections
+/// at once (a pool warming up) without being mistaken for a flood.
+pub const PENDING_HEADERS_PER_SOURCE_DIVISOR: usize = 8;
 /// Default time connections get to finish after SIGTERM/SIGINT.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default time an admin client has to send a request head (and the longest an idle
@@ -139,8 +146,17 @@ pub struct ProxyConfig {
     /// Move bytes with `splice(2)` (the default); `false` copies through a user-space
     /// buffer, for sockets or kernels where splice is unwanted.
     pub splice: bool,
-    /// Concurrent client connections; more are closed at once and counted.
+    /// Concurrent client connections; at the limit the proxy stops accepting (the kernel
+    /// backlog holds new clients until a slot frees).
     pub max_connections: usize,
+    /// Connections allowed in the header phase at once (accepted, key header not complete);
+    /// at the limit the proxy stops accepting until one completes or fails. `None`: a
+    /// quarter of `max_connections` (see [`ProxyConfig::pending_headers`]).
+    pub max_pending_headers: Option<usize>,
+    /// Header-phase connections one source (an IPv4 address or an IPv6 /64) may hold; a new
+    /// one over it is closed at once and counted. `None`: an eighth of the header-phase
+    /// budget (see [`ProxyConfig::pending_headers_per_source`]).
+    pub max_pending_headers_per_source: Option<usize>,
     /// Time connections get to finish on shutdown.
     pub drain_timeout: Duration,
     /// Splice pipes open at once, process-wide (pooled ones included); over it a bulk
@@ -167,6 +183,8 @@ impl ProxyConfig {
             idle_timeout: None,
             splice: true,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_pending_headers: None,
+            max_pending_headers_per_source: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_pipes: None,
             admin_header_timeout: DEFAULT_ADMIN_HEADER_TIMEOUT,
@@ -215,10 +233,65 @@ impl ProxyConfig {
         if self.max_connections == 0 {
             return invalid("--max-connections", "must be at least 1".into());
         }
+        if self.max_pending_headers == Some(0) {
+            return invalid(
+                "--max-pending-headers",
+                "must be at least 1 (leave it out for a quarter of --max-connections)".into(),
+            );
+        }
+        if let Some(n) = self
+            .max_pending_headers
+            .filter(|n| *n > self.max_connections)
+        {
+            return invalid(
+                "--max-pending-headers",
+                format!(
+                    "{n} is more than --max-connections ({}); a connection in the header \
+                     phase is one of them",
+                    self.max_connections
+                ),
+            );
+        }
+        if self.max_pending_headers_per_source == Some(0) {
+            return invalid(
+                "--max-pending-headers-per-source",
+                "must be at least 1 (leave it out for an eighth of --max-pending-headers)".into(),
+            );
+        }
+        let budget = self.pending_headers();
+        if let Some(n) = self.max_pending_headers_per_source.filter(|n| *n > budget) {
+            return invalid(
+                "--max-pending-headers-per-source",
+                format!(
+                    "{n} is more than the header-phase budget ({budget}, --max-pending-headers \
+                     or a quarter of --max-connections); lower it or raise that budget"
+                ),
+            );
+        }
         if self.idle_timeout.is_some_and(|d| d.is_zero()) {
             return invalid("--idle-timeout", "use 'off' rather than 0".into());
         }
         Ok(())
+    }
+
+    /// The header-phase budget in force: `max_pending_headers`, or a quarter of
+    /// `max_connections`; never more than `max_connections` nor less than 1.
+    pub fn pending_headers(&self) -> usize {
+        self.max_pending_headers
+            .unwrap_or(self.max_connections / PENDING_HEADERS_DIVISOR)
+            .min(self.max_connections)
+            .max(1)
+    }
+
+    /// The per-source header-phase cap in force: `max_pending_headers_per_source`, or an
+    /// eighth of [`ProxyConfig::pending_headers`]; never more than that budget nor less
+    /// than 1.
+    pub fn pending_headers_per_source(&self) -> usize {
+        let budget = self.pending_headers();
+        self.max_pending_headers_per_source
+            .unwrap_or(budget / PENDING_HEADERS_PER_SOURCE_DIVISOR)
+            .min(budget)
+            .max(1)
     }
 
     /// Distinct backends a connection may try, given the failover policy.
@@ -292,6 +365,36 @@ mod tests {
     }
 
     #[test]
+    fn header_phase_budgets_follow_max_connections_unless_set() {
+        let listen = "127.0.0.1:0".parse().unwrap();
+        let mut c = ProxyConfig::new(listen, vec!["a=127.0.0.1:1".parse().unwrap()]);
+        assert_eq!(
+            (c.pending_headers(), c.pending_headers_per_source()),
+            (2048, 256)
+        );
+        c.max_connections = 1000;
+        assert_eq!(
+            (c.pending_headers(), c.pending_headers_per_source()),
+            (250, 31)
+        );
+        // Lowered to fit the fd limit after validation: explicit values are clamped to it.
+        c.max_pending_headers = Some(500);
+        c.max_pending_headers_per_source = Some(400);
+        c.max_connections = 300;
+        assert_eq!(
+            (c.pending_headers(), c.pending_headers_per_source()),
+            (300, 300)
+        );
+        c.max_connections = 3;
+        c.max_pending_headers = None;
+        c.max_pending_headers_per_source = None;
+        assert_eq!(
+            (c.pending_headers(), c.pending_headers_per_source()),
+            (1, 1)
+        );
+    }
+
+    #[test]
     fn validation_says_what_to_fix() {
         let b = |s: &str| s.parse::<BackendSpec>().unwrap();
         let listen = "127.0.0.1:0".parse().unwrap();
@@ -317,6 +420,21 @@ mod tests {
             .to_string()
             .contains("--max-tries"));
         c.max_tries = 3;
+        c.validate().unwrap();
+        for (pending, per_source, flag) in [
+            (Some(0), None, "--max-pending-headers"),
+            (Some(9000), None, "--max-pending-headers"),
+            (None, Some(0), "--max-pending-headers-per-source"),
+            (None, Some(2049), "--max-pending-headers-per-source"),
+            (Some(10), Some(11), "--max-pending-headers-per-source"),
+        ] {
+            c.max_pending_headers = pending;
+            c.max_pending_headers_per_source = per_source;
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(flag), "{pending:?}/{per_source:?}: {err}");
+        }
+        c.max_pending_headers = None;
+        c.max_pending_headers_per_source = None;
         c.backends.clear();
         assert!(matches!(c.validate(), Err(ConfigError::NoBackends)));
     }

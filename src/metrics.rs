@@ -20,8 +20,15 @@ use crate::header::HeaderError;
 pub const CONNECTIONS_ACCEPTED: &str = "shardproxy_connections_accepted_total";
 /// Client connections currently open.
 pub const CONNECTIONS_ACTIVE: &str = "shardproxy_connections_active";
-/// Client connections closed at once because a limit was reached, by `reason`.
+/// Client connections closed at once because a limit was reached, by `reason`
+/// (`source_pending_headers`; `max_connections` stays registered but is no longer counted:
+/// at that limit the proxy stops accepting, see [`ACCEPT_PAUSED`]).
 pub const CONNECTIONS_REJECTED: &str = "shardproxy_connections_rejected_total";
+/// Client connections in the header phase now (accepted, key header not yet complete).
+pub const CONNECTIONS_PENDING_HEADERS: &str = "shardproxy_connections_pending_headers";
+/// Times an accept loop stopped accepting to wait for a free slot, by `reason`
+/// (`max_connections`, `pending_headers`).
+pub const ACCEPT_PAUSED: &str = "shardproxy_accept_paused_total";
 /// Connections that ended in an error, by `reason`.
 pub const CONNECTION_ERRORS: &str = "shardproxy_connection_errors_total";
 /// Malformed or late key headers, by `reason`.
@@ -81,6 +88,10 @@ struct Inner {
     header_errors: [Counter; HeaderError::ALL.len()],
     connection_errors: [Counter; ConnError::REASONS.len()],
     rejected_max_connections: Counter,
+    rejected_source_pending_headers: Counter,
+    pending_headers: Gauge,
+    paused_max_connections: Counter,
+    paused_pending_headers: Counter,
     accept_fd_exhausted: Counter,
     accept_other: Counter,
     splice_fallbacks: Counter,
@@ -122,6 +133,13 @@ impl Metrics {
                     CONNECTIONS_REJECTED,
                     &[("reason", "max_connections")],
                 ),
+                rejected_source_pending_headers: counter(
+                    CONNECTIONS_REJECTED,
+                    &[("reason", "source_pending_headers")],
+                ),
+                pending_headers: gauge(CONNECTIONS_PENDING_HEADERS),
+                paused_max_connections: counter(ACCEPT_PAUSED, &[("reason", "max_connections")]),
+                paused_pending_headers: counter(ACCEPT_PAUSED, &[("reason", "pending_headers")]),
                 accept_fd_exhausted: counter(ACCEPT_ERRORS, &[("reason", "fd_exhausted")]),
                 accept_other: counter(ACCEPT_ERRORS, &[("reason", "other")]),
                 splice_fallbacks: counter(SPLICE_FALLBACKS, &[]),
@@ -176,9 +194,35 @@ impl Metrics {
         self.inner.header_errors[e.index()].increment(1);
     }
 
-    /// Counts a connection closed because `max_connections` was reached.
+    /// Counts a connection closed because `max_connections` was reached. The proxy no longer
+    /// does that (it stops accepting instead); the sample stays for existing dashboards.
     pub fn rejected_max_connections(&self) {
         self.inner.rejected_max_connections.increment(1);
+    }
+
+    /// Counts a connection closed at once because its source had too many in the header phase.
+    pub fn rejected_source_pending_headers(&self) {
+        self.inner.rejected_source_pending_headers.increment(1);
+    }
+
+    /// A connection entered the header phase.
+    pub fn pending_header_started(&self) {
+        self.inner.pending_headers.increment(1.0);
+    }
+
+    /// A connection left the header phase.
+    pub fn pending_header_ended(&self) {
+        self.inner.pending_headers.decrement(1.0);
+    }
+
+    /// Counts an accept loop pausing for a free slot: `max_connections` (a connection slot)
+    /// or, when `false`, the header-phase budget.
+    pub fn accept_paused(&self, max_connections: bool) {
+        if max_connections {
+            self.inner.paused_max_connections.increment(1);
+        } else {
+            self.inner.paused_pending_headers.increment(1);
+        }
     }
 
     /// Counts an accept failure.
@@ -364,6 +408,11 @@ fn describe(r: &PrometheusRecorder) {
             "Client connections closed at once because a limit was reached.",
         ),
         d(
+            ACCEPT_PAUSED,
+            None,
+            "Times accepting paused until a connection or header-phase slot freed.",
+        ),
+        d(
             CONNECTION_ERRORS,
             None,
             "Connections that ended in an error, by reason.",
@@ -414,6 +463,11 @@ fn describe(r: &PrometheusRecorder) {
     }
     let gauges = [
         d(CONNECTIONS_ACTIVE, None, "Client connections open now."),
+        d(
+            CONNECTIONS_PENDING_HEADERS,
+            None,
+            "Client connections whose key header is not complete yet.",
+        ),
         d(
             BACKEND_ACTIVE,
             None,

@@ -19,6 +19,7 @@ use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use super::admission::PendingHeader;
 use super::connect::connect;
 use super::forward::{Activity, Forward, ForwardOptions, Transfer};
 use super::io::recv_draining;
@@ -34,11 +35,17 @@ use crate::routing::KeyDigest;
 const FIRST_READ: usize = 512;
 
 /// Serves one accepted client to the end. Never panics, never returns an error: the outcome
-/// is logged once and counted. `kill` (the drain deadline) ends any phase.
-pub(crate) async fn serve(shared: Arc<Shared>, client: TcpStream, kill: CancellationToken) {
+/// is logged once and counted. `kill` (the drain deadline) ends any phase. `pending` holds
+/// the connection's header-phase slot; it is released as soon as the header phase ends.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    client: TcpStream,
+    kill: CancellationToken,
+    pending: PendingHeader,
+) {
     let _active = shared.metrics.active_connection();
     let started = Instant::now();
-    let outcome = phases(&shared, &client, &kill).await;
+    let outcome = phases(&shared, &client, &kill, pending).await;
     let elapsed = started.elapsed();
     // The peer address is looked up only for a log line that will be written: an idle
     // connection should not carry it.
@@ -78,7 +85,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, client: TcpStream, kill: Cancella
 
 type Outcome = Result<(Arc<str>, Transfer), (ConnError, Option<Arc<str>>)>;
 
-async fn phases(shared: &Shared, client: &TcpStream, kill: &CancellationToken) -> Outcome {
+async fn phases(
+    shared: &Shared,
+    client: &TcpStream,
+    kill: &CancellationToken,
+    pending: PendingHeader,
+) -> Outcome {
     let cfg = &shared.config;
     let fmt = cfg.header;
 
@@ -105,6 +117,8 @@ async fn phases(shared: &Shared, client: &TcpStream, kill: &CancellationToken) -
         }
         (e, None)
     })?;
+    // The header phase is over (an early return above releases it too).
+    drop(pending);
     let key = match fmt.parse(&buf[..head.filled]) {
         Parse::Done { key, .. } => key,
         // read_header returns only once the header parsed as Done.
@@ -359,9 +373,15 @@ mod size_tests {
             let shared = Arc::new(super::super::Shared::for_tests(cfg, table, metrics));
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-            let f = serve(shared, c, CancellationToken::new());
+            let pending = super::super::admission::PendingHeader::for_tests();
+            let f = serve(shared, c, CancellationToken::new(), pending);
             let size = std::mem::size_of_val(&f);
-            assert!(size <= 704, "a connection's future grew to {size} bytes");
+            // serve's and phases' arguments each hold the header-phase guard.
+            let guard = 2 * std::mem::size_of::<super::super::admission::PendingHeader>();
+            assert!(
+                size <= 704 + guard,
+                "a connection's future grew to {size} bytes"
+            );
         });
     }
 }

@@ -5,6 +5,7 @@
 //! [`ProxyHandle`] reports the bound addresses, swaps the routing table, and shuts down
 //! gracefully: stop accepting, let connections finish up to the drain deadline, then close.
 
+mod admission;
 mod connect;
 mod connection;
 mod forward;
@@ -51,6 +52,8 @@ pub(crate) struct Shared {
     pub metrics: Metrics,
     /// One permit per admitted connection.
     pub limit: Arc<Semaphore>,
+    /// The header-phase budgets (global and per source).
+    pub admission: Arc<admission::Admission>,
     /// Generation of the next table.
     next_generation: AtomicU64,
 }
@@ -116,6 +119,11 @@ pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<Pro
 
     let shared = Arc::new(Shared {
         limit: Arc::new(Semaphore::new(config.max_connections)),
+        admission: Arc::new(admission::Admission::new(
+            config.pending_headers(),
+            config.pending_headers_per_source(),
+            metrics.clone(),
+        )),
         table: ArcSwap::from_pointee(table),
         metrics: metrics.clone(),
         next_generation: AtomicU64::new(2),
@@ -396,6 +404,8 @@ fn log_settings(
         idle_timeout = ?config.idle_timeout,
         splice = config.splice,
         max_connections = config.max_connections,
+        max_pending_headers = config.pending_headers(),
+        max_pending_headers_per_source = config.pending_headers_per_source(),
         drain_timeout = ?config.drain_timeout,
         workers,
         fd_limit,
@@ -411,6 +421,7 @@ impl Shared {
     pub(crate) fn for_tests(config: ProxyConfig, table: RoutingTable, metrics: Metrics) -> Self {
         Shared {
             limit: Arc::new(Semaphore::new(1)),
+            admission: Arc::new(admission::Admission::new(1, 1, metrics.clone())),
             table: ArcSwap::from_pointee(table),
             metrics,
             next_generation: AtomicU64::new(2),
