@@ -1,37 +1,42 @@
-//! The proxy: listener, connection phases, splice forwarding, socket options.
+//! The proxy: start-up (validate, size to the fd limit, bind, spawn) and the state the
+//! connections share. [`start`] returns a [`ProxyHandle`] (`handle.rs`) that reports the bound
+//! addresses, swaps the routing table, and shuts down gracefully: stop accepting, let
+//! connections finish up to the drain deadline, then reset what is left.
 //!
-//! [`start`] validates the configuration, binds the listener (and the admin listener if
-//! asked), and spawns the accept loop on the current tokio runtime. The returned
-//! [`ProxyHandle`] reports the bound addresses, swaps the routing table, and shuts down
-//! gracefully: stop accepting, let connections finish up to the drain deadline, then close.
+//! A connection's way through the modules: `listener` (admission: connection and
+//! header-phase budgets, per-source caps) → `connection` (the phases) → `connect` (failover,
+//! connect-and-preamble) → `forward` (the pump state machine) over `io` (syscall steps),
+//! `pipe` (splice pipes and their budget) and `sockopt`.
 
 mod admission;
 mod connect;
 mod connection;
 mod forward;
+mod handle;
 mod io;
 mod listener;
 mod pipe;
 pub mod sockopt;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 pub use forward::{Activity, Transfer};
+use handle::run_worker;
+pub use handle::{ProxyHandle, Workers};
 pub use pipe::DEFAULT_PIPE_SIZE;
 pub(crate) use pipe::{limit as pipe_limit, open_count as pipes_open};
 
 use crate::admin;
-use crate::config::{BackendSpec, ProxyConfig};
+use crate::config::ProxyConfig;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::routing::RoutingTable;
@@ -56,30 +61,6 @@ pub(crate) struct Shared {
     pub admission: Arc<admission::Admission>,
     /// Generation of the next table.
     next_generation: AtomicU64,
-}
-
-/// A running proxy. Dropping it stops accepting and closes connections at once; call
-/// [`ProxyHandle::shutdown`] for a graceful drain.
-pub struct ProxyHandle {
-    local_addr: SocketAddr,
-    admin_addr: Option<SocketAddr>,
-    shared: Arc<Shared>,
-    stop: CancellationToken,
-    kill: CancellationToken,
-    tracker: TaskTracker,
-    tasks: Vec<JoinHandle<()>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-/// Where the accept loops and their connections run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Workers {
-    /// One accept loop on the caller's tokio runtime (tests, the demo, embedding).
-    #[default]
-    Current,
-    /// N threads, each a single-threaded runtime with its own `SO_REUSEPORT` listener: the
-    /// kernel spreads connections over them and a connection never changes thread.
-    Threads(usize),
 }
 
 /// Validates `config`, binds, and starts serving on the current tokio runtime.
@@ -181,116 +162,6 @@ pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<Pro
         tasks,
         threads,
     })
-}
-
-/// A worker thread: a single-threaded runtime that accepts and serves its connections, and
-/// keeps driving them after accepting stops until they finish or `kill` fires.
-fn run_worker<F, Fut>(
-    listener: std::net::TcpListener,
-    accept: F,
-    kill: CancellationToken,
-    tracker: TaskTracker,
-) where
-    F: FnOnce(TcpListener) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            error!(error = %e, "worker runtime failed to start");
-            return;
-        }
-    };
-    rt.block_on(async move {
-        match TcpListener::from_std(listener) {
-            Ok(l) => accept(l).await,
-            Err(e) => error!(error = %e, "worker cannot register its listener"),
-        }
-        tokio::select! {
-            () = tracker.wait() => {}
-            () = kill.cancelled() => {}
-        }
-    });
-}
-
-impl ProxyHandle {
-    /// The address clients connect to (resolved if the port was 0).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-
-    /// The admin address, if an admin listener runs.
-    pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin_addr
-    }
-
-    /// The Prometheus text exposition, as `GET /metrics` serves it.
-    pub fn metrics_text(&self) -> String {
-        self.shared.metrics.render()
-    }
-
-    /// The routing table in force.
-    pub fn table(&self) -> Arc<RoutingTable> {
-        self.shared.table.load_full()
-    }
-
-    /// Replaces the membership atomically. Established connections are untouched; new ones
-    /// route on the new table. On error (an empty set, a duplicate or empty name, a weight
-    /// out of range) the old table stays.
-    pub fn set_backends(&self, backends: &[BackendSpec]) -> Result<u64, Error> {
-        let generation = self.shared.next_generation.fetch_add(1, Ordering::Relaxed);
-        let table = RoutingTable::build(backends, generation, &self.shared.metrics)?;
-        self.shared.table.store(Arc::new(table));
-        info!(
-            generation,
-            backends = backends.len(),
-            "routing table replaced"
-        );
-        Ok(generation)
-    }
-
-    /// Stops accepting, waits up to the drain timeout for connections to finish, then
-    /// closes the rest. Returns how many connections were cut at the deadline.
-    pub async fn shutdown(mut self) -> usize {
-        self.stop.cancel();
-        self.tracker.close();
-        let drain = self.shared.config.drain_timeout;
-        let open = self.tracker.len();
-        if open > 0 {
-            info!(open, ?drain, "draining connections");
-        }
-        let cut = match tokio::time::timeout(drain, self.tracker.wait()).await {
-            Ok(()) => 0,
-            Err(_) => {
-                let cut = self.tracker.len();
-                warn!(cut, "drain deadline passed: closing remaining connections");
-                self.kill.cancel();
-                self.tracker.wait().await;
-                cut
-            }
-        };
-        for task in self.tasks.drain(..) {
-            let _ = task.await;
-        }
-        let threads = std::mem::take(&mut self.threads);
-        let _ = tokio::task::spawn_blocking(move || {
-            for t in threads {
-                let _ = t.join();
-            }
-        })
-        .await;
-        cut
-    }
-}
-
-impl Drop for ProxyHandle {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        self.kill.cancel();
-    }
 }
 
 /// Binds `count` listeners on `addr` (with `SO_REUSEPORT` when more than one; a port 0 is

@@ -1,0 +1,159 @@
+//! What a running proxy is made of: the [`ProxyHandle`] its owner holds (addresses, table
+//! swaps, graceful shutdown) and the worker threads that serve connections.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use super::Shared;
+use crate::config::BackendSpec;
+use crate::error::Error;
+use crate::routing::RoutingTable;
+
+/// A running proxy. Dropping it stops accepting and closes connections at once; call
+/// [`ProxyHandle::shutdown`] for a graceful drain.
+pub struct ProxyHandle {
+    /// The client-facing address (resolved if the port was 0).
+    pub(super) local_addr: SocketAddr,
+    /// The admin listener's address, if any.
+    pub(super) admin_addr: Option<SocketAddr>,
+    /// What the connections share (config, table, metrics, limits).
+    pub(super) shared: Arc<Shared>,
+    /// Cancelled to stop accepting.
+    pub(super) stop: CancellationToken,
+    /// Cancelled at the drain deadline: cuts what is left.
+    pub(super) kill: CancellationToken,
+    /// Every connection task, to wait for the drain.
+    pub(super) tracker: TaskTracker,
+    /// Accept loops on the caller's runtime, the metrics upkeep and the admin listener.
+    pub(super) tasks: Vec<JoinHandle<()>>,
+    /// Worker threads (`Workers::Threads`).
+    pub(super) threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Where the accept loops and their connections run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Workers {
+    /// One accept loop on the caller's tokio runtime (tests, the demo, embedding).
+    #[default]
+    Current,
+    /// N threads, each a single-threaded runtime with its own `SO_REUSEPORT` listener: the
+    /// kernel spreads connections over them and a connection never changes thread.
+    Threads(usize),
+}
+
+/// A worker thread: a single-threaded runtime that accepts and serves its connections, and
+/// keeps driving them after accepting stops until they finish or `kill` fires.
+pub(super) fn run_worker<F, Fut>(
+    listener: std::net::TcpListener,
+    accept: F,
+    kill: CancellationToken,
+    tracker: TaskTracker,
+) where
+    F: FnOnce(TcpListener) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "worker runtime failed to start");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        match TcpListener::from_std(listener) {
+            Ok(l) => accept(l).await,
+            Err(e) => error!(error = %e, "worker cannot register its listener"),
+        }
+        tokio::select! {
+            () = tracker.wait() => {}
+            () = kill.cancelled() => {}
+        }
+    });
+}
+
+impl ProxyHandle {
+    /// The address clients connect to (resolved if the port was 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The admin address, if an admin listener runs.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The Prometheus text exposition, as `GET /metrics` serves it.
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.render()
+    }
+
+    /// The routing table in force.
+    pub fn table(&self) -> Arc<RoutingTable> {
+        self.shared.table.load_full()
+    }
+
+    /// Replaces the membership atomically. Established connections are untouched; new ones
+    /// route on the new table. On error (an empty set, a duplicate or empty name, a weight
+    /// out of range) the old table stays.
+    pub fn set_backends(&self, backends: &[BackendSpec]) -> Result<u64, Error> {
+        let generation = self.shared.next_generation.fetch_add(1, Ordering::Relaxed);
+        let table = RoutingTable::build(backends, generation, &self.shared.metrics)?;
+        self.shared.table.store(Arc::new(table));
+        info!(
+            generation,
+            backends = backends.len(),
+            "routing table replaced"
+        );
+        Ok(generation)
+    }
+
+    /// Stops accepting, waits up to the drain timeout for connections to finish, then
+    /// closes the rest. Returns how many connections were cut at the deadline.
+    pub async fn shutdown(mut self) -> usize {
+        self.stop.cancel();
+        self.tracker.close();
+        let drain = self.shared.config.drain_timeout;
+        let open = self.tracker.len();
+        if open > 0 {
+            info!(open, ?drain, "draining connections");
+        }
+        let cut = match tokio::time::timeout(drain, self.tracker.wait()).await {
+            Ok(()) => 0,
+            Err(_) => {
+                let cut = self.tracker.len();
+                warn!(cut, "drain deadline passed: closing remaining connections");
+                self.kill.cancel();
+                self.tracker.wait().await;
+                cut
+            }
+        };
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        let threads = std::mem::take(&mut self.threads);
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+        cut
+    }
+}
+
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.kill.cancel();
+    }
+}
