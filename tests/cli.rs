@@ -153,14 +153,19 @@ impl Daemon {
 
     /// Waits for the child to exit (it was told to); fails after the hang guard.
     async fn wait(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + HANG_GUARD;
+        self.wait_within(HANG_GUARD, "it was told to").await
+    }
+
+    /// Waits for the child to exit; fails, saying `why` it should have, after `bound`.
+    async fn wait_within(&mut self, bound: Duration, why: &str) -> ExitStatus {
+        let deadline = Instant::now() + bound;
         loop {
             if let Some(status) = self.try_wait() {
                 return status;
             }
             assert!(
                 Instant::now() < deadline,
-                "shardproxy did not exit; stderr:\n{}",
+                "shardproxy still running {bound:?} after {why}; stderr:\n{}",
                 self.stderr()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -616,18 +621,7 @@ async fn a_second_sigterm_during_the_drain_exits_at_once() {
     assert_eq!(&echoed[header.len()..], b"ping");
 
     proxy.signal(Signal::SIGTERM);
-    let deadline = Instant::now() + EXIT_BOUND;
-    let status = loop {
-        if let Some(status) = proxy.try_wait() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still running {EXIT_BOUND:?} after the second SIGTERM; stderr:\n{}",
-            proxy.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = proxy.wait_within(EXIT_BOUND, "the second SIGTERM").await;
     assert_eq!(
         status.code(),
         Some(1),

@@ -232,13 +232,17 @@ impl<'a> Forward<'a> {
     fn poll_both(&mut self, cx: &mut Context<'_>) -> Poll<Result<Transfer, ConnError>> {
         let first = usize::from(self.backend_first);
         self.backend_first = !self.backend_first;
+        // Which directions used up a turn in this poll: the other one then looks for bytes
+        // itself (see `poll_pump`).
+        let mut busy = [false; 2];
         loop {
             let mut yielded = false;
             for i in [first, 1 - first] {
                 if !self.pumps[i].done {
                     // Pending just means this direction waits; the other still runs.
-                    if let Poll::Ready(Turn::Yield) = self.poll_pump(i, cx)? {
+                    if let Poll::Ready(Turn::Yield) = self.poll_pump(i, cx, busy[1 - i])? {
                         yielded = true;
+                        busy[i] = true;
                     }
                 }
             }
@@ -276,7 +280,17 @@ impl<'a> Forward<'a> {
     /// Moves chunks `src` → `dst` until the source is empty or the destination full
     /// (`Pending`), the turn's bytes are used up (`Yield`), or the source sends FIN (`Done`,
     /// after passing the FIN on).
-    fn poll_pump(&mut self, i: usize, cx: &mut Context<'_>) -> Poll<Result<Turn, ConnError>> {
+    ///
+    /// `look`: the other direction just used up a turn. While it keeps this task busy, tokio
+    /// may not poll the kernel for readiness (it does when tasks wait), so bytes that arrived
+    /// here are not known to be here: read once anyway (one `recv`, usually `EAGAIN`, per
+    /// turn of the busy direction) instead of leaving a reply behind a flat-out upload.
+    fn poll_pump(
+        &mut self,
+        i: usize,
+        cx: &mut Context<'_>,
+        mut look: bool,
+    ) -> Poll<Result<Turn, ConnError>> {
         let (src, dst) = (self.ends[i], self.ends[1 - i]);
         let mut turn = 0;
         loop {
@@ -296,8 +310,20 @@ impl<'a> Forward<'a> {
                 // `poll_read_ready` parks in the socket's own reader slot (this pump is the
                 // only reader of `src`), so waiting costs no memory. It also spends tokio's
                 // coop budget: a stream that never sees EAGAIN still lets others run.
-                ready!(src.stream.poll_read_ready(cx)).map_err(|e| src.fail(e))?;
-                match self.step(i, src, dst)? {
+                let step = match src.stream.poll_read_ready(cx) {
+                    Poll::Ready(r) => {
+                        r.map_err(|e| src.fail(e))?;
+                        self.step(i, src, dst)?
+                    }
+                    Poll::Pending if std::mem::take(&mut look) => {
+                        match self.copy(i, src, dst, true)? {
+                            Some(Chunk::Empty) => return Poll::Pending,
+                            other => other,
+                        }
+                    }
+                    Poll::Pending => return Poll::Pending,
+                };
+                match step {
                     Some(chunk) => chunk,
                     None => continue, // the stall was just set up: poll it
                 }
