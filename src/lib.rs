@@ -12,6 +12,7 @@
 //! - [`proxy`]: listener, connection phases, splice forwarding, socket options.
 //! - [`metrics`]: metric names in one place and the handles the data path bumps.
 //! - `admin`: `/metrics` and `/healthz` over HTTP.
+//! - [`dsr`]: direct server return building blocks (TCP_REPAIR, control channel, steering).
 //! - [`error`]: error enums per layer, each classified by side and reason.
 //! - [`cli`]: the command-line flags (clap).
 //! - `fixtures`: the echo backend and a client that speaks to it, for tests, benchmarks and
@@ -25,6 +26,7 @@
 mod admin;
 pub mod cli;
 pub mod config;
+pub mod dsr;
 pub mod error;
 #[doc(hidden)]
 pub mod fixtures;
