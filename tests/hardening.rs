@@ -232,7 +232,7 @@ async fn read_until_end(
     }
 }
 
-/// A slow reader keeps a download moving: every partial delivery is activity, so a 250 ms
+/// A slow reader keeps a download moving: every partial delivery is activity, so a 500 ms
 /// idle timeout never cuts it. Before the fix only whole chunks (up to a 256 KiB pipe)
 /// counted, and the download was cut as idle part-way.
 #[tokio::test]
@@ -242,7 +242,7 @@ async fn slow_reader_is_not_cut_as_idle() {
     for (splice, mode) in modes() {
         let proxy = start_proxy(vec![spec(backend)], |c: &mut ProxyConfig| {
             c.splice = splice;
-            c.idle_timeout = Some(Duration::from_millis(250));
+            c.idle_timeout = Some(Duration::from_millis(500));
         })
         .await;
         let mut c = slow_client(proxy.local_addr()).await;
