@@ -48,14 +48,16 @@
 //! receiver's clock, so the hosts' clocks must agree that well (NTP). Within the window the
 //! receiver remembers every (timestamp, nonce) it accepted and refuses a repeat; entries older
 //! than the window are dropped (such frames are stale anyway), and the cache holds at most
-//! [`Limits::max_replay_entries`]. The cache lives in the [`Auth`] and is shared by its
+//! [`Limits::max_replay_entries`]. Only frames whose tag verified reach the cache, so a peer
+//! without the secret cannot fill it. The cache lives in the [`Auth`] and is shared by its
 //! clones, so one `Auth` per process covers all its connections.
 //!
 //! # Timeouts
 //!
 //! None here: `send` and `recv` wait as long as the stream does. Callers wrap them in
 //! `tokio::time::timeout` (the proxy bounds the whole hand-off; the agent bounds how long a
-//! connection may sit idle or mid-frame).
+//! connection may sit idle or mid-frame). `recv` is not cancel-safe: a timeout may leave the
+//! stream mid-frame, so after one the caller closes the connection rather than reading on.
 
 mod auth;
 mod frame;
@@ -210,7 +212,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ControlConn<S> {
         Ok(())
     }
 
-    /// Reads one frame and returns its message: the length is checked against the bound
+    /// Reads one frame and returns its message (not cancel-safe; see the module doc): the length is checked against the bound
     /// before any buffer grows, the buffer grows only as bytes arrive, and the body is decoded
     /// only after the tag, timestamp and nonce pass. On error, close the connection.
     pub async fn recv(&mut self) -> Result<Message, ControlError> {
