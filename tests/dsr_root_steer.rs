@@ -14,8 +14,6 @@ use std::time::{Duration, Instant};
 
 use shardproxy::dsr::steer::{SteerConfig, SteerError, Steering};
 
-const ROOT: &str = "needs root: run by netns-tests/run.sh";
-
 /// A network namespace with veth pair `d0`/`d1` (both up), deleted on drop.
 struct Netns {
     name: String,
@@ -118,7 +116,6 @@ fn elem(c: SocketAddrV4) -> String {
 #[tokio::test]
 #[ignore = "needs root: run by netns-tests/run.sh"]
 async fn start_creates_the_ruleset_and_shutdown_removes_it() {
-    let _ = ROOT;
     let ns = Netns::new();
     let s = Steering::start_with(ns.config("shardproxy_t1"))
         .await
@@ -381,4 +378,20 @@ async fn latency_of_1000_cycles() {
     assert!(!ns.flows(t).contains("elements ="));
     assert!(!ns.frozen(t).contains("elements ="));
     s.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+#[ignore = "needs root: run by netns-tests/run.sh"]
+async fn an_unprivileged_nft_is_a_permission_error() {
+    // root starts nft as `nobody`, which lacks CAP_NET_ADMIN.
+    let mut cfg = SteerConfig::new("shardproxy_t9", "lo", vip());
+    cfg.command = ["runuser", "-u", "nobody", "--", "nft"]
+        .map(String::from)
+        .to_vec();
+    match Steering::start_with(cfg).await {
+        Err(e @ SteerError::Permission { .. }) => {
+            assert!(e.to_string().contains("CAP_NET_ADMIN"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
 }
