@@ -14,3 +14,4 @@
 //! Not built yet: the agent, the proxy's hand-off phase and its fallback, which join these.
 
 pub mod control;
+pub mod steer;
