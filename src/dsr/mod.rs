@@ -12,3 +12,5 @@
 //!   kept up to date in batches by one long-lived `nft` process.
 //!
 //! Not built yet: the agent, the proxy's hand-off phase and its fallback, which join these.
+
+pub mod repair;
