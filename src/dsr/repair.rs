@@ -338,8 +338,9 @@ fn ioctl_int(fd: BorrowedFd<'_>, request: libc::c_ulong) -> Result<i32, Errno> {
 ///
 /// On success the socket is left in repair mode: closing it then sends neither FIN nor RST.
 /// The caller closes it once the hand-off has succeeded or a local [`rebuild`] has taken
-/// over (the rebuild may reuse the address while this socket is open only if it is closed
-/// first: close it before rebuilding on the same host). On failure after repair mode was
+/// over; on the same host, close it before a local rebuild, since its 4-tuple stays taken
+/// while it is open (the rebuild's `connect` fails with `EADDRNOTAVAIL`). On failure after
+/// repair mode was
 /// entered, the socket is taken out of repair mode again (without a window probe), so it
 /// can carry on as it was.
 pub fn freeze_and_dump(fd: impl AsFd) -> Result<TcpState, RepairError> {
@@ -480,6 +481,9 @@ fn dump_queue(
 /// retransmission timeout (one second for a fresh socket). Queues larger than the default
 /// socket buffers raise the buffer (with `SO_SNDBUFFORCE`/`SO_RCVBUFFORCE`), which fixes
 /// its size for the socket's life.
+///
+/// On failure the half-built socket is closed while still in repair mode, so the peer is
+/// sent nothing; the caller can try elsewhere with the same state.
 pub fn rebuild(state: &TcpState) -> Result<TcpStream, RepairError> {
     check_bounds(state)?;
     let socket = Socket::new(
