@@ -339,10 +339,10 @@ fn ioctl_int(fd: BorrowedFd<'_>, request: libc::c_ulong) -> Result<i32, Errno> {
 /// On success the socket is left in repair mode: closing it then sends neither FIN nor RST.
 /// The caller closes it once the hand-off has succeeded or a local [`rebuild`] has taken
 /// over; on the same host, close it before a local rebuild, since its 4-tuple stays taken
-/// while it is open (the rebuild's `connect` fails with `EADDRNOTAVAIL`). On failure after
-/// repair mode was
-/// entered, the socket is taken out of repair mode again (without a window probe), so it
-/// can carry on as it was.
+/// while it is open (the rebuild's `connect` fails with `EADDRNOTAVAIL`).
+///
+/// On failure after repair mode was entered, the socket is taken out of repair mode again
+/// (without a window probe), so it can carry on as it was.
 pub fn freeze_and_dump(fd: impl AsFd) -> Result<TcpState, RepairError> {
     let fd = fd.as_fd();
     let info = tcp_info(fd).map_err(sys("getsockopt TCP_INFO"))?;
