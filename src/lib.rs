@@ -20,7 +20,8 @@
 
 #![warn(missing_docs)]
 // `unsafe` only where neither nix nor socket2 has a safe API: two socket calls in
-// `proxy::sockopt`, each allowed where it stands, with a `// SAFETY:` comment.
+// `proxy::sockopt` and the TCP_REPAIR option/ioctl helpers in `dsr::repair`, each allowed
+// where it stands, with a `// SAFETY:` comment.
 #![deny(unsafe_code)]
 
 mod admin;

@@ -14,4 +14,5 @@
 //! Not built yet: the agent, the proxy's hand-off phase and its fallback, which join these.
 
 pub mod control;
+pub mod repair;
 pub mod steer;
