@@ -657,6 +657,23 @@ case_drain() {
     [[ $exited == 1 && $prc == 0 ]] || return 1
 }
 
+# Tests that need root (TCP_REPAIR, nftables, namespaces of their own) are ordinary cargo
+# tests marked #[ignore = "needs root: ..."], so `cargo test` passes for any user without
+# counting them as passed; this case runs exactly those, and fails if none ran.
+case_root_cargo_tests() {
+    local out="$LOGDIR/root-cargo-tests.out" ran failed
+    (cd "$REPO" && cargo test --locked -- --ignored) >"$out" 2>&1
+    local rc=$?
+    ran=$(grep -E '^test result:' "$out" | awk '{s += $4} END {print s + 0}')
+    failed=$(grep -E '^test result:' "$out" | awk '{s += $6} END {print s + 0}')
+    log "root-only cargo tests: $ran passed, $failed failed (exit $rc)"
+    if [[ $rc != 0 ]]; then
+        grep -E '^(test .* FAILED|thread .* panicked|---- )' "$out" | head -n 12 | sed 's/^/    /'
+        return 1
+    fi
+    [[ $ran -gt 0 ]] || { log "no root-only test ran"; return 1; }
+}
+
 # ---------------------------------------------------------------------------------------------
 # Main
 
@@ -681,6 +698,7 @@ main() {
     run_case "3 blackholed host: connect timeout, owner's keys to 2nd choice, timeout metric" case_blackhole
     run_case "4 recovery: blackhole removed, keys back on their owner" case_recovery
     run_case "5 drain: SIGTERM mid-transfer, transfer completes, new connections refused, exit 0" case_drain
+    run_case "6 root-only cargo tests (TCP_REPAIR, nftables steering)" case_root_cargo_tests
 
     if [[ $FAILED -gt 0 ]]; then
         echo "--- proxy stderr (last 15 lines)"
