@@ -1,0 +1,402 @@
+//! The `nft -i` worker: one long-lived child per `Steering`, fed batches of commands, each
+//! answered through a numbered sentinel line (see the parent module's doc).
+
+use super::*;
+
+pub(super) fn worker_main(
+    config: SteerConfig,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+    ready: oneshot::Sender<Result<(), SteerError>>,
+) {
+    let mut nft = Nft::new(config);
+    let setup = nft.config.setup_line();
+    if let Err(e) = nft.run_line(&setup) {
+        nft.close();
+        let _ = ready.send(Err(e));
+        return;
+    }
+    if ready.send(Ok(())).is_err() {
+        // The caller went away while starting: do not leave the table behind.
+        let _ = nft.teardown();
+        nft.close();
+        return;
+    }
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let mut shutdown = None;
+        match rx.blocking_recv() {
+            Some(Msg::Op(op, reply)) => batch.push((op, reply)),
+            Some(Msg::Shutdown(reply)) => shutdown = Some(reply),
+            None => {
+                let _ = nft.teardown();
+                break;
+            }
+        }
+        while shutdown.is_none() && batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(Msg::Op(op, reply)) => batch.push((op, reply)),
+                Ok(Msg::Shutdown(reply)) => shutdown = Some(reply),
+                Err(_) => break,
+            }
+        }
+        if !batch.is_empty() {
+            nft.run_ops(&mut batch);
+        }
+        if let Some(reply) = shutdown {
+            let _ = reply.send(nft.teardown());
+            break;
+        }
+    }
+    nft.close();
+    // Requests still queued are answered with `Closed` when `rx` drops their reply senders.
+}
+
+/// A running `nft -i` and the thread that reads its output.
+struct NftChild {
+    child: Child,
+    stdin: ChildStdin,
+    lines: std_mpsc::Receiver<String>,
+}
+
+/// The worker's state: the child, the sentinel counter and the flows steered so far.
+pub(super) struct Nft {
+    config: SteerConfig,
+    child: Option<NftChild>,
+    seq: u64,
+    /// Backend host and our estimate of the kernel's expiry of every steered flow: removing
+    /// a map element with the add-then-delete idiom needs its value.
+    flows: HashMap<SocketAddrV4, (Ipv4Addr, Instant)>,
+    batches: u64,
+}
+
+/// The tracked flow changes a planned batch makes if it succeeds (`None` = removed).
+pub(super) type Overlay = HashMap<SocketAddrV4, Option<(Ipv4Addr, Instant)>>;
+
+pub(super) fn elem(c: SocketAddrV4) -> String {
+    format!("{} . {}", c.ip(), c.port())
+}
+
+impl Nft {
+    pub(super) fn new(config: SteerConfig) -> Nft {
+        Nft {
+            config,
+            child: None,
+            seq: 0,
+            flows: HashMap::new(),
+            batches: 0,
+        }
+    }
+
+    fn spawn(&self) -> Result<NftChild, SteerError> {
+        let program = self.config.command[0].clone();
+        let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| SteerError::Process(format!("pipe: {e}")))?;
+        let err_end = write_end
+            .try_clone()
+            .map_err(|e| SteerError::Process(format!("pipe: {e}")))?;
+        let mut cmd = Command::new(&program);
+        cmd.args(&self.config.command[1..])
+            .arg("-i")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::from(write_end))
+            .stderr(Stdio::from(err_end));
+        let spawned = cmd.spawn();
+        // The write ends must close here, or the reader never sees the child's exit.
+        drop(cmd);
+        let mut child = spawned.map_err(|source| SteerError::NftMissing { program, source })?;
+        let Some(stdin) = child.stdin.take() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(SteerError::Process("no stdin pipe".to_owned()));
+        };
+        let (line_tx, lines) = std_mpsc::channel();
+        let reader = std::thread::Builder::new()
+            .name("dsr-steer-out".to_owned())
+            .spawn(move || {
+                let mut out = BufReader::new(File::from(read_end));
+                let mut buf = Vec::new();
+                loop {
+                    buf.clear();
+                    match out.read_until(b'\n', &mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {
+                            let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
+                            if line_tx.send(line).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+        if let Err(e) = reader {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(SteerError::Process(format!(
+                "cannot start reader thread: {e}"
+            )));
+        }
+        Ok(NftChild {
+            child,
+            stdin,
+            lines,
+        })
+    }
+
+    /// Kills the child (our own, by its handle) and reaps it.
+    fn close(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            drop(c.stdin);
+            let _ = c.child.kill();
+            let _ = c.child.wait();
+        }
+    }
+
+    fn teardown(&mut self) -> Result<(), SteerError> {
+        let line = self.config.teardown_line();
+        let result = self.run_line(&line);
+        self.flows.clear();
+        result
+    }
+
+    /// Runs one line (one transaction) and waits for its sentinel.
+    fn run_line(&mut self, line: &str) -> Result<(), SteerError> {
+        if self.child.is_none() {
+            self.child = Some(self.spawn()?);
+        }
+        self.seq += 1;
+        let token = format!("{SENTINEL_PREFIX}{}", self.seq);
+        let deadline = Instant::now() + self.config.reply_timeout;
+        let result = match self.child.as_mut() {
+            Some(c) => exchange(c, line, &token, deadline),
+            None => Err(SteerError::Process("nft not running".to_owned())),
+        };
+        if matches!(result, Err(SteerError::Process(_))) {
+            // Hung, exited or unwritable: the next batch starts a fresh child.
+            self.close();
+        }
+        result
+    }
+
+    /// The commands for `op` given the tracked flows and this batch's earlier changes.
+    pub(super) fn plan(
+        &self,
+        op: Op,
+        overlay: &mut Overlay,
+        cmds: &mut Vec<String>,
+    ) -> Result<(), SteerError> {
+        let t = &self.config.table;
+        let current = |overlay: &Overlay, c: &SocketAddrV4| match overlay.get(c) {
+            Some(v) => *v,
+            None => self.flows.get(c).copied(),
+        };
+        let deadline = Instant::now() + self.config.flow_timeout;
+        let drop_flow = |cmds: &mut Vec<String>, c: SocketAddrV4, b: Ipv4Addr| {
+            let e = format!("{{ {} : {b} }}", elem(c));
+            cmds.push(format!("add element netdev {t} flows {e}"));
+            cmds.push(format!("delete element netdev {t} flows {e}"));
+        };
+        let unfreeze = |cmds: &mut Vec<String>, c: SocketAddrV4| {
+            let e = elem(c);
+            cmds.push(format!("add element netdev {t} frozen {{ {e} }}"));
+            cmds.push(format!("delete element netdev {t} frozen {{ {e} }}"));
+        };
+        match op {
+            Op::Freeze(c) => cmds.push(format!("add element netdev {t} frozen {{ {} }}", elem(c))),
+            Op::Unfreeze(c) => unfreeze(cmds, c),
+            Op::Steer(c, b) => {
+                if let Some((old, _)) = current(overlay, &c) {
+                    drop_flow(cmds, c, old);
+                }
+                cmds.push(format!(
+                    "add element netdev {t} flows {{ {} : {b} }}",
+                    elem(c)
+                ));
+                unfreeze(cmds, c);
+                overlay.insert(c, Some((b, deadline)));
+            }
+            Op::Remove(c) => {
+                if let Some((old, _)) = current(overlay, &c) {
+                    drop_flow(cmds, c, old);
+                }
+                overlay.insert(c, None);
+            }
+            Op::Refresh(c) => {
+                let Some((b, _)) = current(overlay, &c) else {
+                    return Err(SteerError::NotSteered(c));
+                };
+                drop_flow(cmds, c, b);
+                cmds.push(format!(
+                    "add element netdev {t} flows {{ {} : {b} }}",
+                    elem(c)
+                ));
+                overlay.insert(c, Some((b, deadline)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `batch` as one transaction, or each request alone if that fails; answers all.
+    fn run_ops(&mut self, batch: &mut Vec<(Op, Reply)>) {
+        self.batches += 1;
+        if self.batches % 1024 == 0 {
+            self.prune();
+        }
+        if batch.len() > 1 {
+            let mut overlay = Overlay::new();
+            let mut cmds = Vec::new();
+            let mut planned = true;
+            for (op, _) in batch.iter() {
+                planned &= self.plan(*op, &mut overlay, &mut cmds).is_ok();
+            }
+            if planned {
+                let result = if cmds.is_empty() {
+                    Ok(())
+                } else {
+                    self.run_line(&cmds.join(" ; "))
+                };
+                match result {
+                    Ok(()) => {
+                        self.apply(overlay);
+                        for (_, reply) in batch.drain(..) {
+                            let _ = reply.send(Ok(()));
+                        }
+                        return;
+                    }
+                    // One request's error: find it by running each alone.
+                    Err(SteerError::Command { .. }) => {}
+                    Err(e) => {
+                        for (_, reply) in batch.drain(..) {
+                            let _ = reply.send(Err(e.replicate()));
+                        }
+                        return;
+                    }
+                }
+            }
+        }
+        for (op, reply) in batch.drain(..) {
+            let mut overlay = Overlay::new();
+            let mut cmds = Vec::new();
+            let result = self.plan(op, &mut overlay, &mut cmds).and_then(|()| {
+                if cmds.is_empty() {
+                    Ok(())
+                } else {
+                    self.run_line(&cmds.join(" ; "))
+                }
+            });
+            if result.is_ok() {
+                self.apply(overlay);
+            }
+            let _ = reply.send(result);
+        }
+    }
+
+    fn apply(&mut self, overlay: Overlay) {
+        for (c, v) in overlay {
+            match v {
+                Some(v) => {
+                    self.flows.insert(c, v);
+                }
+                None => {
+                    self.flows.remove(&c);
+                }
+            }
+        }
+    }
+
+    /// Forgets flows the kernel has expired (with a second's margin), bounding the memory of
+    /// flows whose close was never reported.
+    fn prune(&mut self) {
+        let now = Instant::now();
+        self.flows
+            .retain(|_, (_, deadline)| *deadline + Duration::from_secs(1) > now);
+    }
+}
+
+/// Writes `line` and the sentinel, then reads nft's answer up to the sentinel's echo.
+fn exchange(
+    c: &mut NftChild,
+    line: &str,
+    token: &str,
+    deadline: Instant,
+) -> Result<(), SteerError> {
+    let mut input = String::with_capacity(line.len() + token.len() + 2);
+    let _ = writeln!(input, "{line}");
+    let _ = writeln!(input, "{token}");
+    c.stdin
+        .write_all(input.as_bytes())
+        .and_then(|()| c.stdin.flush())
+        .map_err(|e| SteerError::Process(format!("writing to nft: {e}")))?;
+    let mut out: Vec<String> = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match c.lines.recv_timeout(left) {
+            Ok(l) if l.trim() == token => break,
+            Ok(l) => out.push(l),
+            Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                return Err(SteerError::Process(format!(
+                    "no answer from nft in time; output so far: {}",
+                    summarize(&out)
+                )));
+            }
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                let status = c.child.try_wait().ok().flatten();
+                let message = summarize(&out);
+                if is_permission(&message) {
+                    return Err(SteerError::Permission { message });
+                }
+                return Err(SteerError::Process(format!(
+                    "nft exited ({}): {message}",
+                    status.map_or_else(|| "still running".to_owned(), |s| s.to_string())
+                )));
+            }
+        }
+    }
+    // The line before the echo is the sentinel's own `Error: syntax error ...`.
+    if out.last().is_some_and(|l| l.starts_with("Error:")) {
+        out.pop();
+    }
+    classify(&out)
+}
+
+/// Caret lines (`   ^^^^`) point into the echoed line; the sentinel's one arrives at the
+/// start of the next batch's output.
+fn is_caret_line(l: &str) -> bool {
+    let t = l.trim();
+    !t.is_empty() && t.chars().all(|c| c == '^')
+}
+
+pub(super) fn is_permission(message: &str) -> bool {
+    message.contains("Operation not permitted") || message.contains("Permission denied")
+}
+
+/// nft's output for one batch, shortened: error lines whole, echoed lines cut.
+pub(super) fn summarize(out: &[String]) -> String {
+    const ECHO_MAX: usize = 160;
+    out.iter()
+        .filter(|l| !l.trim().is_empty() && !is_caret_line(l))
+        .map(|l| {
+            if l.len() > ECHO_MAX && !l.starts_with("Error:") {
+                let mut end = ECHO_MAX;
+                while !l.is_char_boundary(end) {
+                    end -= 1;
+                }
+                format!("{} ...", &l[..end])
+            } else {
+                l.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+/// The result of one batch from what nft printed before the sentinel.
+pub(super) fn classify(out: &[String]) -> Result<(), SteerError> {
+    let message = summarize(out);
+    if message.is_empty() {
+        Ok(())
+    } else if is_permission(&message) {
+        Err(SteerError::Permission { message })
+    } else {
+        Err(SteerError::Command { message })
+    }
+}
