@@ -504,15 +504,7 @@ async fn sigterm_drains_in_flight_connections_refuses_new_ones_and_exits_0() {
     assert!(status.contains("200"), "{status}");
 
     // A connection in flight: routed, greeted, echo not yet finished.
-    let fmt = HeaderFormat::default();
-    let header = fmt.encode(b"in-flight").unwrap();
-    let mut conn = TcpStream::connect(listen).await.unwrap();
-    conn.write_all(&header).await.unwrap();
-    let name = timeout(HANG_GUARD, read_name(&mut conn))
-        .await
-        .expect("greeting hung")
-        .unwrap();
-    assert_eq!(name, "b1");
+    let (mut conn, header) = greeted(listen, b"in-flight", "b1").await;
 
     proxy.signal(Signal::SIGTERM);
     // The listener closes: new connections are refused. (A connection that slips in before
@@ -581,14 +573,7 @@ async fn draining_proxy(backend: &EchoBackend) -> (Daemon, TcpStream, Vec<u8>) {
         Some("info"),
     );
     let (listen, _) = parse_ready(&ready);
-    let header = HeaderFormat::default().encode(b"held").unwrap();
-    let mut conn = TcpStream::connect(listen).await.unwrap();
-    conn.write_all(&header).await.unwrap();
-    let name = timeout(HANG_GUARD, read_name(&mut conn))
-        .await
-        .expect("greeting hung")
-        .unwrap();
-    assert_eq!(name, "b1");
+    let (conn, header) = greeted(listen, b"held", "b1").await;
     proxy.signal(Signal::SIGTERM);
     // Signals of one kind do not queue: the second is sent only once the first was handled.
     proxy.wait_stderr("shutting down").await;
@@ -758,4 +743,18 @@ async fn client_through_a_proxy_process_lands_where_route_says() {
 
     proxy.signal(Signal::SIGTERM);
     assert_eq!(proxy.wait().await.code(), Some(0));
+}
+
+/// Connects through the proxy at `listen` with `key` and reads the echo backend's greeting,
+/// which must name `backend`. Returns the connection and the header it sent.
+async fn greeted(listen: SocketAddr, key: &[u8], backend: &str) -> (TcpStream, Vec<u8>) {
+    let header = HeaderFormat::default().encode(key).unwrap();
+    let mut conn = TcpStream::connect(listen).await.unwrap();
+    conn.write_all(&header).await.unwrap();
+    let name = timeout(HANG_GUARD, read_name(&mut conn))
+        .await
+        .expect("greeting hung")
+        .unwrap();
+    assert_eq!(name, backend);
+    (conn, header)
 }
