@@ -351,26 +351,8 @@ async fn drain_deadline_resets_both_sides() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let cut = proxy.shutdown().await;
         assert_eq!(cut, 2, "{mode}: both connections were cut at the deadline");
-        let (got, end) = tokio::time::timeout(Duration::from_secs(20), reader)
-            .await
-            .expect("client read ends")
-            .expect("reader task");
-        let err = end.expect_err(&format!("{mode}: download ended cleanly after {got} bytes"));
-        assert_eq!(
-            err.kind(),
-            io::ErrorKind::ConnectionReset,
-            "{mode}: client: {err}"
-        );
-        let (got, end) = tokio::time::timeout(Duration::from_secs(20), upload_end)
-            .await
-            .expect("backend read ends")
-            .expect("backend task");
-        let err = end.expect_err(&format!("{mode}: upload ended cleanly after {got} bytes"));
-        assert_eq!(
-            err.kind(),
-            io::ErrorKind::ConnectionReset,
-            "{mode}: backend: {err}"
-        );
+        assert_reset(reader, &format!("{mode}: client of the download")).await;
+        assert_reset(upload_end, &format!("{mode}: backend of the upload")).await;
         uploader.abort();
     }
 }
@@ -443,4 +425,15 @@ async fn drain_deadline_ends_header_and_connect_phases() {
         let err = r.expect_err(&format!("{phase}: closed with FIN, not reset"));
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{phase}: {err}");
     }
+}
+
+/// Waits (bounded) for a reader task started with [`read_until_end`] and requires that its
+/// stream ended in a reset, not a clean EOF.
+async fn assert_reset(task: tokio::task::JoinHandle<(u64, io::Result<()>)>, who: &str) {
+    let (got, end) = tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .unwrap_or_else(|_| panic!("{who}: the read never ended"))
+        .expect("reader task");
+    let err = end.expect_err(&format!("{who}: ended cleanly after {got} bytes"));
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{who}: {err}");
 }

@@ -192,13 +192,16 @@ impl<'a> Forward<'a> {
             counters: [to_backend, to_client],
             pumps: [pump(), pump()],
             metrics,
-            idle: opts.idle_timeout.map(|limit| Idle {
-                activity,
-                clock: Box::new(IdleClock {
-                    limit,
-                    timer: Box::pin(tokio::time::sleep(limit)),
-                    queued: 0,
-                }),
+            idle: opts.idle_timeout.map(|limit| {
+                activity.touch(); // the idle clock starts with forwarding
+                Idle {
+                    activity,
+                    clock: Box::new(IdleClock {
+                        limit,
+                        timer: Box::pin(tokio::time::sleep(limit)),
+                        queued: 0,
+                    }),
+                }
             }),
             fin_sent: false,
             kill_registered: false,

@@ -80,13 +80,12 @@ fn epoch() -> Instant {
 }
 
 impl Activity {
-    /// Starts the clock now.
+    /// A clock that has not started: the forwarder starts it (one clock read) only when an
+    /// idle timeout is configured, so a connection without one never reads the clock.
     pub fn new() -> Self {
-        let a = Activity {
+        Activity {
             last_nanos: AtomicU64::new(0),
-        };
-        a.touch();
-        a
+        }
     }
 
     /// Records that bytes moved now.
