@@ -4,6 +4,7 @@
 //! checked as they are parsed, and a bad flag gets clap's message and exit code 2.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -196,6 +197,10 @@ pub struct BackendArgs {
     /// Name it reports to each client.
     #[arg(long)]
     pub name: String,
+    /// Also serve connections a DSR agent hands over this Unix socket (one SCM_RIGHTS
+    /// message per connection); a stale socket file there is replaced.
+    #[arg(long, value_name = "PATH")]
+    pub handoff_socket: Option<PathBuf>,
 }
 
 /// `shardproxy client`.

@@ -139,15 +139,35 @@ async fn backend(args: cli::BackendArgs) -> ExitCode {
     let Some(mut signals) = Signals::install() else {
         return ExitCode::FAILURE;
     };
-    match shardproxy::fixtures::echo::EchoBackend::start(args.listen, &args.name).await {
+    use shardproxy::fixtures::echo::EchoBackend;
+    let started = match &args.handoff_socket {
+        None => EchoBackend::start(args.listen, &args.name).await,
+        Some(path) => EchoBackend::start_with_handoff(args.listen, &args.name, path).await,
+    };
+    match started {
         Ok(b) => {
-            println!("backend {} listening on {}", b.name(), b.local_addr());
+            match &args.handoff_socket {
+                None => println!("backend {} listening on {}", b.name(), b.local_addr()),
+                Some(path) => println!(
+                    "backend {} listening on {} handoff-socket {}",
+                    b.name(),
+                    b.local_addr(),
+                    path.display()
+                ),
+            }
             signals.recv().await;
             b.stop().await;
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("shardproxy: cannot listen on {}: {e}", args.listen);
+            match &args.handoff_socket {
+                None => eprintln!("shardproxy: cannot listen on {}: {e}", args.listen),
+                Some(path) => eprintln!(
+                    "shardproxy: cannot listen on {} and hand-off socket {}: {e}",
+                    args.listen,
+                    path.display()
+                ),
+            }
             ExitCode::FAILURE
         }
     }

@@ -8,11 +8,17 @@
 //!   socket from it (on the agent, or back on the proxy when a hand-off fails);
 //! - [`control`]: the authenticated, length-prefixed control channel between proxy and
 //!   agent (HMAC-SHA256 over every message, nonce and timestamp against replay);
+//! - [`fdpass`]: the zero-hop hand-over of a rebuilt connection to the application: one
+//!   `SCM_RIGHTS` message per connection over a Unix socket ([`fdpass::HandoffSender`] on
+//!   the agent, [`Acceptor`] in the application);
 //! - [`steer`]: the proxy host's nftables steering (a frozen-flow drop set and the `fwd` map),
 //!   kept up to date in batches by one long-lived `nft` process.
 //!
 //! Not built yet: the agent, the proxy's hand-off phase and its fallback, which join these.
 
 pub mod control;
+pub mod fdpass;
 pub mod repair;
 pub mod steer;
+
+pub use fdpass::Acceptor;
