@@ -20,8 +20,9 @@
 
 #![warn(missing_docs)]
 // `unsafe` only where neither nix nor socket2 has a safe API: two socket calls in
-// `proxy::sockopt` and the TCP_REPAIR option/ioctl helpers in `dsr::repair`, each allowed
-// where it stands, with a `// SAFETY:` comment.
+// `proxy::sockopt`, the TCP_REPAIR option/ioctl helpers in `dsr::repair` and the adoption
+// of a descriptor received over SCM_RIGHTS in `dsr::fdpass`, each allowed where it stands,
+// with a `// SAFETY:` comment.
 #![deny(unsafe_code)]
 
 mod admin;
