@@ -9,10 +9,13 @@
 //! - [`control`]: the authenticated, length-prefixed control channel between proxy and
 //!   agent (HMAC-SHA256 over every message, nonce and timestamp against replay);
 //! - [`steer`]: the proxy host's nftables steering (a frozen-flow drop set and the `fwd` map),
-//!   kept up to date in batches by one long-lived `nft` process.
+//!   kept up to date in batches by one long-lived `nft` process;
+//! - [`netlink`]: sock_diag (which handed-off flows still have a socket) and ctnetlink
+//!   (delete a flow's conntrack entry), hand-encoded netlink queries.
 //!
 //! Not built yet: the agent, the proxy's hand-off phase and its fallback, which join these.
 
 pub mod control;
+pub mod netlink;
 pub mod repair;
 pub mod steer;
