@@ -18,6 +18,7 @@
 
 pub mod control;
 pub mod fdpass;
+pub mod netlink;
 pub mod repair;
 pub mod steer;
 
