@@ -118,11 +118,30 @@ impl Outcome {
     }
 }
 
+/// What an admin listener serves: a Prometheus exposition and its own connection counter.
+/// The proxy's [`Metrics`] and the DSR agent's metrics both are one.
+pub(crate) trait Exposition: Clone + Send + Sync + 'static {
+    /// The Prometheus text exposition, sampled now.
+    fn render(&self) -> String;
+    /// The admin connection counter for one `result` label.
+    fn admin_connections(&self, result: &'static str) -> Counter;
+}
+
+impl Exposition for Metrics {
+    fn render(&self) -> String {
+        Metrics::render(self)
+    }
+
+    fn admin_connections(&self, result: &'static str) -> Counter {
+        Metrics::admin_connections(self, result)
+    }
+}
+
 /// The admin connection counters, one per [`Outcome`], registered once.
 struct Counters([Counter; Outcome::ALL.len()]);
 
 impl Counters {
-    fn new(metrics: &Metrics) -> Self {
+    fn new(metrics: &impl Exposition) -> Self {
         Counters(Outcome::ALL.map(|o| metrics.admin_connections(o.label())))
     }
 
@@ -202,7 +221,7 @@ impl Drop for SlotGuard {
 /// Returns once every admin connection has closed (at most [`SHUTDOWN_GRACE`] after `stop`).
 pub(crate) async fn run_admin(
     listener: TcpListener,
-    metrics: Metrics,
+    metrics: impl Exposition,
     header_timeout: Duration,
     stop: CancellationToken,
 ) {
@@ -319,7 +338,7 @@ impl Conn {
 }
 
 /// The admin routes.
-fn router(metrics: Metrics) -> Router {
+fn router(metrics: impl Exposition) -> Router {
     Router::new()
         .route(
             "/metrics",

@@ -10,8 +10,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    parse_duration, parse_len_bytes, parse_optional_duration, BackendSpec, Failover, ProxyConfig,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_TRIES,
+    parse_duration, parse_len_bytes, parse_optional_duration, BackendSpec, DsrConfig, Failover,
+    ProxyConfig, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_TRIES,
 };
 use crate::header::{Endian, HeaderFormat, HeaderMode, LenBytes, DEFAULT_MAX_KEY_LEN};
 
@@ -38,6 +38,9 @@ pub enum Command {
     Backend(BackendArgs),
     /// Send a key header and a payload, print which backend answered, verify the echo.
     Client(ClientArgs),
+    /// Run the DSR agent on a backend host: rebuild handed-off connections, give them to
+    /// the application.
+    Agent(AgentArgs),
 }
 
 /// The key header format flags, shared by `run` and `client`.
@@ -92,12 +95,32 @@ pub struct RunArgs {
     /// Address clients connect to.
     #[arg(long)]
     pub listen: SocketAddr,
-    /// A backend: NAME=HOST:PORT[,weight=N]. Repeat for each; order does not matter.
+    /// A backend: NAME=HOST:PORT[,weight=N][,agent=HOST:PORT]. Repeat for each; order does
+    /// not matter. `agent=` names the DSR agent on the backend's host.
     #[arg(long = "backend", required = true, value_parser = parse_backend)]
     pub backends: Vec<BackendSpec>,
     /// Admin/metrics address (GET /metrics, /healthz); no admin listener if absent.
     #[arg(long)]
     pub admin: Option<SocketAddr>,
+    /// Direct server return: hand connections whose backend has an agent to that agent
+    /// (needs CAP_NET_ADMIN and nftables; falls back to splicing on any failure).
+    #[arg(long, requires_all = ["dsr_device", "dsr_secret_file"])]
+    pub dsr: bool,
+    /// The uplink device whose ingress steers handed-off flows (with --dsr).
+    #[arg(long, value_name = "IFACE", requires = "dsr")]
+    pub dsr_device: Option<String>,
+    /// File with the shared secret of proxies and agents, at least 16 bytes (with --dsr).
+    #[arg(long, value_name = "PATH", requires = "dsr")]
+    pub dsr_secret_file: Option<std::path::PathBuf>,
+    /// Time an agent has to rebuild a handed-off connection before the proxy keeps it.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration, requires = "dsr")]
+    pub dsr_handoff_timeout: Duration,
+    /// Lifetime of a handed-off flow's steering without news from its agent.
+    #[arg(long, default_value = "10m", value_parser = parse_duration, requires = "dsr")]
+    pub dsr_flow_timeout: Duration,
+    /// Hand off only keys starting with this prefix (repeat for several; default: all).
+    #[arg(long = "dsr-key-prefix", value_name = "PREFIX", requires = "dsr")]
+    pub dsr_key_prefixes: Vec<String>,
     /// Key header format.
     #[command(flatten)]
     pub header: HeaderArgs,
@@ -162,6 +185,19 @@ impl RunArgs {
         c.max_pending_headers_per_source = self.max_pending_headers_per_source;
         c.drain_timeout = self.drain_timeout;
         c.max_pipes = self.max_pipes;
+        if self.dsr {
+            if let (Some(device), Some(secret)) = (&self.dsr_device, &self.dsr_secret_file) {
+                let mut d = DsrConfig::new(device.clone(), secret.clone());
+                d.handoff_timeout = self.dsr_handoff_timeout;
+                d.flow_timeout = self.dsr_flow_timeout;
+                d.key_prefixes = self
+                    .dsr_key_prefixes
+                    .iter()
+                    .map(|p| p.as_bytes().to_vec())
+                    .collect();
+                c.dsr = Some(d);
+            }
+        }
         c
     }
 }
@@ -201,6 +237,55 @@ pub struct BackendArgs {
     /// message per connection); a stale socket file there is replaced.
     #[arg(long, value_name = "PATH")]
     pub handoff_socket: Option<PathBuf>,
+}
+
+/// `shardproxy agent`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["forward", "handoff_socket"])))]
+pub struct AgentArgs {
+    /// Address the proxies' control connections come to.
+    #[arg(long)]
+    pub control: SocketAddr,
+    /// The virtual IP (the proxy's listen address), configured on this host's `lo`.
+    #[arg(long)]
+    pub vip: std::net::Ipv4Addr,
+    /// File with the shared secret of proxies and agents, at least 16 bytes.
+    #[arg(long, value_name = "PATH")]
+    pub secret_file: std::path::PathBuf,
+    /// Relay each rebuilt connection to an unmodified application at HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub forward: Option<SocketAddr>,
+    /// Pass each rebuilt connection to the application over the Unix socket at PATH
+    /// (SCM_RIGHTS, one fd and the byte 0x01 per message).
+    #[arg(long, value_name = "PATH")]
+    pub handoff_socket: Option<std::path::PathBuf>,
+    /// Admin/metrics address (GET /metrics, /healthz).
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
+    /// Time a rebuilt connection waits for the proxy's "steered" before it is dropped.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub steer_timeout: Duration,
+    /// Control connections (proxies) served at once.
+    #[arg(long, default_value_t = crate::dsr::agent::DEFAULT_MAX_CONTROL_CONNECTIONS)]
+    pub max_control_connections: usize,
+}
+
+impl AgentArgs {
+    /// The agent configuration these flags describe.
+    pub fn config(&self) -> crate::dsr::agent::AgentConfig {
+        use crate::dsr::agent::{AgentConfig, Target};
+        let target = match (&self.forward, &self.handoff_socket) {
+            (Some(addr), _) => Target::Forward(*addr),
+            (None, Some(path)) => Target::HandoffSocket(path.clone()),
+            // clap's group makes exactly one of them present.
+            (None, None) => Target::HandoffSocket(std::path::PathBuf::new()),
+        };
+        let mut c = AgentConfig::new(self.control, self.vip, self.secret_file.clone(), target);
+        c.admin = self.admin;
+        c.steer_timeout = self.steer_timeout;
+        c.max_control_connections = self.max_control_connections;
+        c
+    }
 }
 
 /// `shardproxy client`.

@@ -43,12 +43,15 @@ pub struct BackendSpec {
     pub addr: SocketAddr,
     /// Relative share of keys; 0 takes no new keys.
     pub weight: u32,
+    /// The DSR agent on the backend's host (`agent=HOST:PORT`): with `--dsr`, connections
+    /// routed here are handed off to it. Never affects routing.
+    pub agent: Option<SocketAddr>,
 }
 
 impl FromStr for BackendSpec {
     type Err = ConfigError;
 
-    /// Parses `NAME=HOST:PORT[,weight=N]`.
+    /// Parses `NAME=HOST:PORT[,weight=N][,agent=HOST:PORT]`.
     fn from_str(spec: &str) -> Result<Self, ConfigError> {
         let bad = |why: &str| ConfigError::BackendSpec {
             spec: spec.to_string(),
@@ -69,8 +72,10 @@ impl FromStr for BackendSpec {
         let addr_text = parts.next().unwrap_or_default().trim();
         let addr = resolve(addr_text).map_err(|why| bad(&why))?;
         let mut weight = 1;
+        let mut agent = None;
         for opt in parts {
             match opt.trim().split_once('=') {
+                Some(("agent", a)) => agent = Some(resolve(a.trim()).map_err(|why| bad(&why))?),
                 Some(("weight", w)) => {
                     weight = w
                         .trim()
@@ -83,20 +88,29 @@ impl FromStr for BackendSpec {
                             ))
                         })?;
                 }
-                _ => return Err(bad(&format!("unknown option {opt:?} (only weight=N)"))),
+                _ => {
+                    return Err(bad(&format!(
+                        "unknown option {opt:?} (weight=N or agent=HOST:PORT)"
+                    )))
+                }
             }
         }
         Ok(BackendSpec {
             name: name.to_string(),
             addr,
             weight,
+            agent,
         })
     }
 }
 
 impl fmt::Display for BackendSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}={},weight={}", self.name, self.addr, self.weight)
+        write!(f, "{}={},weight={}", self.name, self.addr, self.weight)?;
+        match self.agent {
+            Some(agent) => write!(f, ",agent={agent}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -166,6 +180,47 @@ pub struct ProxyConfig {
     /// Deadline for an admin request head, from the connection's accept or its last
     /// response; also the admin keep-alive idle limit.
     pub admin_header_timeout: Duration,
+    /// Direct server return (`--dsr`): hand connections whose backend has an agent to it.
+    pub dsr: Option<DsrConfig>,
+}
+
+/// Default time an agent has to answer a hand-off (rebuilt or failed).
+pub const DEFAULT_HANDOFF_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default lifetime of a handed-off flow's steering entry without news from its agent
+/// (the proxy renews it while the agent's control connection is up).
+pub const DEFAULT_DSR_FLOW_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Direct server return settings (docs/design.md §6).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DsrConfig {
+    /// The uplink whose ingress steers handed-off flows (`--dsr-device`).
+    pub device: String,
+    /// The control channel's shared secret (`--dsr-secret-file`), at least 16 bytes.
+    pub secret_file: std::path::PathBuf,
+    /// Time an agent has to answer a hand-off before the proxy keeps the connection.
+    pub handoff_timeout: Duration,
+    /// Steering entries expire after this long unless renewed.
+    pub flow_timeout: Duration,
+    /// Only keys starting with one of these bytes strings are handed off (empty: all).
+    pub key_prefixes: Vec<Vec<u8>>,
+}
+
+impl DsrConfig {
+    /// DSR on `device` with the secret at `secret_file` and default timeouts.
+    pub fn new(device: impl Into<String>, secret_file: impl Into<std::path::PathBuf>) -> Self {
+        DsrConfig {
+            device: device.into(),
+            secret_file: secret_file.into(),
+            handoff_timeout: DEFAULT_HANDOFF_TIMEOUT,
+            flow_timeout: DEFAULT_DSR_FLOW_TIMEOUT,
+            key_prefixes: Vec::new(),
+        }
+    }
+
+    /// Whether a connection with `key` is to be handed off (its backend having an agent).
+    pub fn wants(&self, key: &[u8]) -> bool {
+        self.key_prefixes.is_empty() || self.key_prefixes.iter().any(|p| key.starts_with(p))
+    }
 }
 
 impl ProxyConfig {
@@ -188,6 +243,7 @@ impl ProxyConfig {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_pipes: None,
             admin_header_timeout: DEFAULT_ADMIN_HEADER_TIMEOUT,
+            dsr: None,
         }
     }
 
@@ -270,6 +326,64 @@ impl ProxyConfig {
         }
         if self.idle_timeout.is_some_and(|d| d.is_zero()) {
             return invalid("--idle-timeout", "use 'off' rather than 0".into());
+        }
+        if let Some(dsr) = &self.dsr {
+            self.validate_dsr(dsr)?;
+        }
+        Ok(())
+    }
+
+    fn validate_dsr(&self, dsr: &DsrConfig) -> Result<(), ConfigError> {
+        let invalid = |field, why: String| Err(ConfigError::Invalid { field, why });
+        match self.listen {
+            SocketAddr::V4(a) if !a.ip().is_unspecified() && a.port() != 0 => {}
+            other => {
+                return invalid(
+                    "--listen",
+                    format!(
+                        "{other}: with --dsr the listen address is the virtual IP the backends \
+                         answer from, so give one IPv4 address and a fixed port (not 0.0.0.0, \
+                         not port 0, not IPv6)"
+                    ),
+                )
+            }
+        }
+        let d = &dsr.device;
+        if d.is_empty()
+            || d.len() > 15
+            || !d
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        {
+            return invalid(
+                "--dsr-device",
+                format!("{d:?} is not an interface name (1-15 characters of [A-Za-z0-9_.-])"),
+            );
+        }
+        if let Err(e) = crate::dsr::control::Secret::from_file(&dsr.secret_file) {
+            return invalid("--dsr-secret-file", e.to_string());
+        }
+        for (field, t) in [
+            ("--dsr-handoff-timeout", dsr.handoff_timeout),
+            ("--dsr-flow-timeout", dsr.flow_timeout),
+        ] {
+            if t.is_zero() {
+                return invalid(field, "must be greater than zero".into());
+            }
+        }
+        if let Some(b) = self
+            .backends
+            .iter()
+            .find(|b| b.agent.is_some_and(|a| !a.is_ipv4()) || !b.addr.is_ipv4())
+            .filter(|b| b.agent.is_some())
+        {
+            return invalid(
+                "--backend",
+                format!(
+                    "{}: DSR hand-off is IPv4 only (backend and agent addresses)",
+                    b.name
+                ),
+            );
         }
         Ok(())
     }

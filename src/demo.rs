@@ -76,6 +76,7 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
             name: b.name().to_string(),
             addr: b.local_addr(),
             weight: 1,
+            agent: None,
         })
         .collect();
     let mut config = ProxyConfig::new(loopback, specs.clone());

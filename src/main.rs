@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use shardproxy::cli::{self, Cli, Command};
+use shardproxy::dsr::agent::AgentError;
 use shardproxy::proxy::sockopt::raise_fd_limit;
 use shardproxy::Workers;
 use tracing::{error, info, warn};
@@ -21,7 +22,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| {
             EnvFilter::new(match cli.command {
-                Command::Run(_) | Command::Backend(_) => "info",
+                Command::Run(_) | Command::Backend(_) | Command::Agent(_) => "info",
                 _ => "warn",
             })
         }))
@@ -73,6 +74,7 @@ async fn dispatch(command: Command) -> ExitCode {
         }
         Command::Backend(args) => backend(args).await,
         Command::Client(args) => client(args).await,
+        Command::Agent(args) => agent(args).await,
     }
 }
 
@@ -171,6 +173,30 @@ async fn backend(args: cli::BackendArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn agent(args: cli::AgentArgs) -> ExitCode {
+    let Some(mut signals) = Signals::install() else {
+        return ExitCode::FAILURE;
+    };
+    let agent = match shardproxy::dsr::agent::start(args.config()).await {
+        Ok(a) => a,
+        Err(e @ (AgentError::Secret(_) | AgentError::Invalid(_))) => {
+            eprintln!("shardproxy: {e}");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("shardproxy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match agent.admin_addr() {
+        Some(admin) => println!("agent control on {} admin {}", agent.control_addr(), admin),
+        None => println!("agent control on {}", agent.control_addr()),
+    }
+    signals.recv().await;
+    agent.shutdown().await;
+    ExitCode::SUCCESS
 }
 
 async fn client(args: cli::ClientArgs) -> ExitCode {

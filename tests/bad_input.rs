@@ -74,6 +74,7 @@ async fn counting_proxy(tweak: impl FnOnce(&mut ProxyConfig)) -> (ProxyHandle, C
         name: "counting".to_string(),
         addr: counting.addr,
         weight: 1,
+        agent: None,
     };
     (start_proxy(vec![spec], tweak).await, counting)
 }

@@ -38,6 +38,7 @@ fn spec(name: &str, addr: SocketAddr) -> BackendSpec {
         name: name.to_string(),
         addr,
         weight: 1,
+        agent: None,
     }
 }
 
@@ -464,6 +465,7 @@ async fn with_every_backend_down_the_client_is_closed_without_a_greeting() {
         .iter()
         .map(|n| BackendSpec {
             weight: 0,
+            agent: None,
             ..spec(n, refusing_addr())
         })
         .collect();

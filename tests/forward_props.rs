@@ -103,6 +103,7 @@ async fn run_case(splice: bool, up: Vec<Step>, down: Vec<Step>) -> Result<(), St
             name: "b".into(),
             addr,
             weight: 1,
+            agent: None,
         }],
         |c| c.splice = splice,
     )

@@ -29,6 +29,7 @@ fn spec(addr: SocketAddr) -> BackendSpec {
         name: "only".into(),
         addr,
         weight: 1,
+        agent: None,
     }
 }
 
@@ -314,11 +315,13 @@ async fn drain_deadline_resets_both_sides() {
                 name: "down".into(),
                 addr: backend,
                 weight: 1,
+                agent: None,
             },
             BackendSpec {
                 name: "up".into(),
                 addr: up_addr,
                 weight: 1,
+                agent: None,
             },
         ];
         let router = shardproxy::Router::new([("down", 1), ("up", 1)]).expect("router");

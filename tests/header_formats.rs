@@ -206,6 +206,7 @@ async fn bad_headers(fmt: HeaderFormat, cases: Vec<BadCase>) {
                 name: "counting".to_string(),
                 addr: counting.addr,
                 weight: 1,
+                agent: None,
             };
             let proxy = start_proxy(vec![spec], |c: &mut ProxyConfig| c.header = fmt).await;
             let ctx = format!("{fmt}: {} ({:02x?})", case.what, case.bytes);

@@ -100,6 +100,7 @@ async fn idle_connection_heap_cost() {
             name: "b1".into(),
             addr: backend_addr,
             weight: 1,
+            agent: None,
         }],
         |c| {
             c.admin = None;
@@ -181,6 +182,7 @@ async fn slow_header_heap_cost() {
             name: "b1".into(),
             addr: refusing_addr(),
             weight: 1,
+            agent: None,
         }],
         |c| {
             c.admin = None;

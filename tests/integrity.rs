@@ -163,6 +163,7 @@ fn spec(name: &str, addr: SocketAddr) -> BackendSpec {
         name: name.to_string(),
         addr,
         weight: 1,
+        agent: None,
     }
 }
 

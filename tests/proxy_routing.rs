@@ -72,6 +72,7 @@ fn spec(name: &str, addr: SocketAddr, weight: u32) -> BackendSpec {
         name: name.to_string(),
         addr,
         weight,
+        agent: None,
     }
 }
 

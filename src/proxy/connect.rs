@@ -26,7 +26,7 @@ use crate::routing::RoutingTable;
 
 /// Why one connect attempt failed, by whose fault.
 #[derive(Debug)]
-pub(super) enum OpenError {
+pub(crate) enum OpenError {
     /// The proxy could not make the attempt (fds, memory, local ports).
     Local(io::Error),
     /// The backend refused, reset or failed the handshake.
@@ -106,7 +106,7 @@ pub(super) fn is_local_shortage(e: &io::Error) -> bool {
 /// trip through the event loop and the `getsockopt(SO_ERROR)` of tokio's connect. A handshake
 /// still in flight makes that send return `EAGAIN` (then we wait for writability); a failed
 /// one makes it return the connect error itself (`sk_stream_wait_connect` reports `sk_err`).
-pub(super) async fn open(addr: SocketAddr, preamble: &[u8]) -> Result<TcpStream, OpenError> {
+pub(crate) async fn open(addr: SocketAddr, preamble: &[u8]) -> Result<TcpStream, OpenError> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking(),

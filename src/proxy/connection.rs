@@ -94,6 +94,23 @@ async fn phases(
     let cfg = &shared.config;
     let fmt = cfg.header;
 
+    // Phase 0 (with --dsr): peek the header and hand the connection off if its backend has
+    // an agent. Anything else — no agent, a failed hand-off — goes on below as usual: the
+    // peeked bytes are still queued, so phase 1 reads them at once.
+    if let Some(dsr) = &shared.dsr {
+        let handed = Box::pin(hand_off(shared, dsr, client, kill)).await;
+        match handed {
+            Ok(Some(name)) => return Ok((name, Transfer::default())),
+            Ok(None) => {}
+            Err(e) => {
+                if let ConnError::Shutdown = e {
+                    set_reset_on_close(client);
+                }
+                return Err((e, None));
+            }
+        }
+    }
+
     // Phase 1: the key header, under the header deadline only. The header and connect
     // phases are boxed: their futures (timers, connect state) are larger than forwarding's,
     // and an unboxed phase would size every connection's future — held for the
@@ -165,7 +182,7 @@ async fn phases(
             idle_timeout: cfg.idle_timeout,
             splice: cfg.splice,
         },
-        &shared.metrics,
+        shared.metrics.splice_fallbacks(),
         &activity,
     );
     match forward.run(kill).await {
@@ -182,6 +199,54 @@ async fn phases(
             set_reset_on_close(&backend);
             Err((e, Some(name)))
         }
+    }
+}
+
+/// The DSR phase: peeks the key header (under the header deadline) and, if the key's first
+/// choice has an agent and the key is one to hand off, hands the connection to it. `Ok(Some)`
+/// names the backend that now owns the connection (the socket is in repair mode: close it
+/// without another call); `Ok(None)` leaves it to the spliced path, header still queued.
+async fn hand_off(
+    shared: &Shared,
+    dsr: &crate::dsr::handoff::Dsr,
+    client: &TcpStream,
+    kill: &CancellationToken,
+) -> Result<Option<Arc<str>>, ConnError> {
+    let cfg = &shared.config;
+    let fmt = cfg.header;
+    let mut buf = Vec::new();
+    let head = tokio::select! {
+        biased;
+        r = timeout(cfg.header_timeout, peek_header(client, &fmt, &mut buf)) => match r {
+            Ok(r) => r?,
+            Err(_) => return Err(HeaderError::Timeout.into()),
+        },
+        () = kill.cancelled() => return Err(ConnError::Shutdown),
+    };
+    let key = match fmt.parse(&buf[..head.filled]) {
+        Parse::Done { key, .. } => key,
+        _ => return Err(HeaderError::Eof.into()),
+    };
+    if !dsr.config().wants(key) {
+        return Ok(None);
+    }
+    let table = shared.table.load();
+    let Some(index) = table.router.pick_excluding(KeyDigest::of(key), &[]) else {
+        return Ok(None);
+    };
+    let be = &table.backends[index];
+    let Some(agent) = be.agent else {
+        return Ok(None);
+    };
+    let strip = match fmt.mode {
+        HeaderMode::Forward => 0,
+        HeaderMode::Strip => head.consumed,
+    };
+    let name = be.name.clone();
+    tokio::select! {
+        biased;
+        r = dsr.hand_off(client, agent, &name, strip) => Ok(r.ok().map(|()| name)),
+        () = kill.cancelled() => Err(ConnError::Shutdown),
     }
 }
 
@@ -237,17 +302,16 @@ pub(crate) async fn read_header(
 }
 
 /// Like [`read_header`] but with `MSG_PEEK`: the bytes stay queued in the socket (so a
-/// connection can be handed off with them, docs/design.md §6). Waits for *new* bytes between peeks
-/// by clearing readiness when a peek sees nothing new.
-#[allow(
-    dead_code,
-    reason = "the DSR hand-off (docs/design.md §6) reads the header this way"
-)]
+/// connection can be handed off with them, docs/design.md §6). Waits for *new* bytes between
+/// peeks by clearing readiness when a peek sees nothing new. `buf` grows as
+/// [`read_header`]'s does: from [`FIRST_READ`] bytes to the header the client announced.
 pub(crate) async fn peek_header(
     client: &TcpStream,
     fmt: &HeaderFormat,
-    buf: &mut [u8],
+    buf: &mut Vec<u8>,
 ) -> Result<HeaderRead, ConnError> {
+    buf.clear();
+    buf.resize(fmt.max_header_len().min(FIRST_READ), 0);
     let mut seen = 0;
     loop {
         let ready = client
@@ -277,7 +341,11 @@ pub(crate) async fn peek_header(
         };
         seen = n;
         match fmt.parse(&buf[..n]) {
-            Parse::Need(_) => {}
+            Parse::Need(more) => {
+                if buf.len() < n + more {
+                    buf.resize(n + more, 0);
+                }
+            }
             Parse::Done { consumed, .. } => {
                 return Ok(HeaderRead {
                     consumed,
@@ -306,7 +374,7 @@ mod tests {
     async fn peek_leaves_bytes_queued_and_waits_for_more() {
         let (mut c, s) = pair().await;
         let fmt = HeaderFormat::default();
-        let mut buf = vec![0u8; fmt.max_header_len()];
+        let mut buf = Vec::new();
         c.write_all(b"\x00\x05ab").await.unwrap();
         let peek = tokio::spawn(async move {
             let r = peek_header(&s, &fmt, &mut buf)
@@ -334,7 +402,7 @@ mod tests {
     async fn peek_reports_eof_and_bad_headers() {
         let (mut c, s) = pair().await;
         let fmt = HeaderFormat::default();
-        let mut buf = vec![0u8; fmt.max_header_len()];
+        let mut buf = Vec::new();
         c.write_all(b"\x00").await.unwrap();
         drop(c);
         let e = peek_header(&s, &fmt, &mut buf).await.unwrap_err();
@@ -376,10 +444,11 @@ mod size_tests {
             let pending = super::super::admission::PendingHeader::for_tests();
             let f = serve(shared, c, CancellationToken::new(), pending);
             let size = std::mem::size_of_val(&f);
-            // serve's and phases' arguments each hold the header-phase guard.
+            // serve's and phases' arguments each hold the header-phase guard; the boxed DSR
+            // phase adds its pointer (8 bytes).
             let guard = 2 * std::mem::size_of::<super::super::admission::PendingHeader>();
             assert!(
-                size <= 704 + guard,
+                size <= 712 + guard,
                 "a connection's future grew to {size} bytes"
             );
         });

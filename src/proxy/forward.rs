@@ -54,7 +54,6 @@ use super::io::{
 use super::pipe::{self, Pipe};
 use super::sockopt::shutdown_write;
 use crate::error::{ConnError, Side};
-use crate::metrics::Metrics;
 
 /// Size of the per-thread copy buffer: a read that fills it switches its pump to splicing.
 pub const COPY_CHUNK: usize = 16 * 1024;
@@ -148,7 +147,7 @@ pub struct Forward<'a> {
     /// Byte counters per pump.
     counters: [&'a Counter; 2],
     pumps: [Pump<'a>; 2],
-    metrics: &'a Metrics,
+    splice_fallbacks: &'a Counter,
     idle: Option<Idle<'a>>,
     /// A FIN was forwarded already: the last direction to finish skips its `shutdown`.
     fin_sent: bool,
@@ -167,7 +166,7 @@ impl<'a> Forward<'a> {
         to_backend: &'a Counter,
         to_client: &'a Counter,
         opts: ForwardOptions,
-        metrics: &'a Metrics,
+        splice_fallbacks: &'a Counter,
         activity: &'a Activity,
     ) -> Self {
         let pump = || Pump {
@@ -191,7 +190,7 @@ impl<'a> Forward<'a> {
             ],
             counters: [to_backend, to_client],
             pumps: [pump(), pump()],
-            metrics,
+            splice_fallbacks,
             idle: opts.idle_timeout.map(|limit| {
                 activity.touch(); // the idle clock starts with forwarding
                 Idle {
@@ -374,7 +373,7 @@ impl<'a> Forward<'a> {
             Ok(p) => p,
             Err(_) => {
                 // No pipe (the pipe budget or the fd table is full): copy from now on.
-                self.metrics.splice_fallback();
+                self.splice_fallbacks.increment(1);
                 pump.splice = false;
                 return self.copy(i, src, dst, false);
             }
@@ -505,7 +504,7 @@ mod tests {
                 upload: upload.clone(),
                 seen: Some(seen.clone()),
             }));
-            let metrics = Metrics::new();
+            let fallbacks = Counter::noop();
             let activity = Activity::new();
             let opts = ForwardOptions {
                 idle_timeout: None,
@@ -517,7 +516,7 @@ mod tests {
                 &to_backend,
                 &to_client,
                 opts,
-                &metrics,
+                &fallbacks,
                 &activity,
             );
             let kill = CancellationToken::new();

@@ -137,6 +137,20 @@ impl ProxyHandle {
                 cut
             }
         };
+        if let Some(dsr) = &self.shared.dsr {
+            // Handed-off flows get the same drain deadline; then the steering goes.
+            let open = dsr.active_flows();
+            if open > 0 {
+                info!(open, ?drain, "waiting for handed-off flows to close");
+            }
+            let left = dsr.drain(drain).await;
+            if left > 0 {
+                warn!(
+                    left,
+                    "drain deadline passed: handed-off flows lose their steering"
+                );
+            }
+        }
         for task in self.tasks.drain(..) {
             let _ = task.await;
         }

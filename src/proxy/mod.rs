@@ -29,7 +29,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+pub(crate) use connect::{open as open_backend, OpenError};
 pub use forward::{Activity, Transfer};
+pub(crate) use forward::{Forward, ForwardOptions};
 use handle::run_worker;
 pub use handle::{ProxyHandle, Workers};
 pub use pipe::DEFAULT_PIPE_SIZE;
@@ -59,6 +61,8 @@ pub(crate) struct Shared {
     pub limit: Arc<Semaphore>,
     /// The header-phase budgets (global and per source).
     pub admission: Arc<admission::Admission>,
+    /// Direct server return, with `--dsr`.
+    pub dsr: Option<Arc<crate::dsr::handoff::Dsr>>,
     /// Generation of the next table.
     next_generation: AtomicU64,
 }
@@ -97,6 +101,18 @@ pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<Pro
         None => None,
     };
     log_settings(&config, local_addr, admin_addr, count);
+    let stop = CancellationToken::new();
+    let dsr = match (&config.dsr, local_addr) {
+        (Some(d), SocketAddr::V4(vip)) => Some(
+            crate::dsr::handoff::Dsr::start(d.clone(), vip, metrics.dsr())
+                .await
+                .map_err(|e| Error::Io {
+                    context: "starting DSR",
+                    source: std::io::Error::other(e.to_string()),
+                })?,
+        ),
+        _ => None,
+    };
 
     let shared = Arc::new(Shared {
         limit: Arc::new(Semaphore::new(config.max_connections)),
@@ -108,9 +124,9 @@ pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<Pro
         table: ArcSwap::from_pointee(table),
         metrics: metrics.clone(),
         next_generation: AtomicU64::new(2),
+        dsr,
         config,
     });
-    let stop = CancellationToken::new();
     let kill = CancellationToken::new();
     let tracker = TaskTracker::new();
     let mut tasks = Vec::new();
@@ -296,6 +312,7 @@ impl Shared {
             table: ArcSwap::from_pointee(table),
             metrics,
             next_generation: AtomicU64::new(2),
+            dsr: None,
             config,
         }
     }

@@ -21,6 +21,8 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// Relative share of keys.
     pub weight: u32,
+    /// Its host's DSR agent, if any.
+    pub agent: Option<SocketAddr>,
     /// Pre-registered metric handles (atomic adds on the hot path).
     pub metrics: BackendMetrics,
 }
@@ -60,6 +62,7 @@ impl RoutingTable {
                 name: node.name.clone(),
                 addr: spec.addr,
                 weight: spec.weight,
+                agent: spec.agent,
                 metrics: metrics.backend(&spec.name),
             })
             .collect();
@@ -82,6 +85,7 @@ mod tests {
             name: name.to_string(),
             addr: ([127, 0, 0, 1], port).into(),
             weight: 1,
+            agent: None,
         }
     }
 

@@ -38,6 +38,7 @@ pub fn specs(backends: &[EchoBackend]) -> Vec<BackendSpec> {
             name: b.name().to_string(),
             addr: b.local_addr(),
             weight: 1,
+            agent: None,
         })
         .collect()
 }

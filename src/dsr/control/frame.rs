@@ -13,7 +13,8 @@ pub const MAX_BACKEND_LEN: usize = 1024;
 pub const MAX_REASON_LEN: usize = 1024;
 
 /// One control-channel message. The proxy sends `Handoff` and `Steered`; the agent answers
-/// `Imported` or `Failed`, and reports `Closed` when a handed-off connection ends; either side
+/// `Imported` or `Failed`, and reports `Closed` when a handed-off connection ends (the proxy
+/// may call a hand-off off after `Imported` with `Abort`); either side
 /// may send `Ping`, answered by `Pong`.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Message {
@@ -49,6 +50,12 @@ pub enum Message {
     },
     /// Proxy → agent: the flow is steered to the agent's host; hand the socket over.
     Steered {
+        /// The hand-off's id.
+        id: u64,
+    },
+    /// Proxy → agent: the hand-off is called off after `Imported` (steering failed); the
+    /// agent discards the rebuilt socket without sending anything to the client.
+    Abort {
         /// The hand-off's id.
         id: u64,
     },
@@ -89,6 +96,7 @@ impl std::fmt::Debug for Message {
                 .field("reason", reason)
                 .finish(),
             Message::Steered { id } => f.debug_struct("Steered").field("id", id).finish(),
+            Message::Abort { id } => f.debug_struct("Abort").field("id", id).finish(),
             Message::Closed {
                 id,
                 bytes_from_client,
@@ -112,6 +120,7 @@ pub(crate) mod kind {
     pub const FAILED: u8 = 5;
     pub const STEERED: u8 = 6;
     pub const CLOSED: u8 = 7;
+    pub const ABORT: u8 = 8;
 }
 
 const FLAG_STRIP_HEADER: u8 = 0x01;
@@ -127,6 +136,7 @@ impl Message {
             Message::Failed { .. } => kind::FAILED,
             Message::Steered { .. } => kind::STEERED,
             Message::Closed { .. } => kind::CLOSED,
+            Message::Abort { .. } => kind::ABORT,
         }
     }
 
@@ -146,7 +156,7 @@ impl Message {
                 }
                 8 + 1 + 2 + backend.len() + 4 + state.len()
             }
-            Message::Imported { .. } | Message::Steered { .. } => 8,
+            Message::Imported { .. } | Message::Steered { .. } | Message::Abort { .. } => 8,
             Message::Failed { reason, .. } => 8 + 4 + 2 + cut_reason(reason).len(),
             Message::Closed { .. } => 24,
         })
@@ -172,7 +182,7 @@ impl Message {
                 out.extend_from_slice(&slen.to_be_bytes());
                 out.extend_from_slice(state);
             }
-            Message::Imported { id } | Message::Steered { id } => {
+            Message::Imported { id } | Message::Steered { id } | Message::Abort { id } => {
                 out.extend_from_slice(&id.to_be_bytes());
             }
             Message::Failed { id, errno, reason } => {
@@ -223,6 +233,7 @@ impl Message {
             }
             kind::IMPORTED => Message::Imported { id: r.u64()? },
             kind::STEERED => Message::Steered { id: r.u64()? },
+            kind::ABORT => Message::Abort { id: r.u64()? },
             kind::FAILED => {
                 let id = r.u64()?;
                 let errno = r.i32()?;

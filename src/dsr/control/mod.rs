@@ -41,6 +41,7 @@
 //! | 5 | `Failed` | `id u64`, `errno i32`, `reason str` (≤ [`MAX_REASON_LEN`]) |
 //! | 6 | `Steered` | `id u64` |
 //! | 7 | `Closed` | `id u64`, `bytes_from_client u64`, `bytes_to_client u64` |
+//! | 8 | `Abort` | `id u64` |
 //!
 //! # Replay and clocks
 //!
@@ -206,37 +207,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ControlConn<S> {
 
     /// Seals and writes one message, then flushes.
     pub async fn send(&mut self, msg: &Message) -> Result<(), ControlError> {
-        let frame = self.auth.seal(msg, now_ms())?;
-        self.io.write_all(&frame).await?;
-        self.io.flush().await?;
-        Ok(())
+        write_message(&mut self.io, &self.auth, msg).await
     }
 
     /// Reads one frame and returns its message (not cancel-safe; see the module doc): the length is checked against the bound
     /// before any buffer grows, the buffer grows only as bytes arrive, and the body is decoded
     /// only after the tag, timestamp and nonce pass. On error, close the connection.
     pub async fn recv(&mut self) -> Result<Message, ControlError> {
-        let mut prefix = [0u8; LEN_PREFIX];
-        let mut got = 0;
-        while got < LEN_PREFIX {
-            match self.io.read(&mut prefix[got..]).await? {
-                0 if got == 0 => return Err(ControlError::Closed),
-                0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
-                n => got += n,
-            }
-        }
-        let len = self.auth.check_len(prefix)?;
-        // Grow with the bytes that actually arrive, not with the announced length.
-        let mut frame = Vec::with_capacity(LEN_PREFIX + len.min(64 * 1024));
-        frame.extend_from_slice(&prefix);
-        let read = (&mut self.io)
-            .take(len as u64)
-            .read_to_end(&mut frame)
-            .await?;
-        if read < len {
-            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
-        }
-        self.auth.open(&frame, now_ms())
+        read_message(&mut self.io, &self.auth).await
     }
 
     /// This end's [`Auth`].
@@ -253,6 +231,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ControlConn<S> {
     pub fn into_inner(self) -> S {
         self.io
     }
+}
+
+/// Seals `msg` with `auth`, writes the frame and flushes: [`ControlConn::send`] over a
+/// write half, for a connection whose reading and writing are done by different tasks.
+pub async fn write_message<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    auth: &Auth,
+    msg: &Message,
+) -> Result<(), ControlError> {
+    let frame = auth.seal(msg, now_ms())?;
+    io.write_all(&frame).await?;
+    io.flush().await?;
+    Ok(())
+}
+
+/// Reads one frame and returns its message: [`ControlConn::recv`] over a read half (not
+/// cancel-safe; see the module doc). The length is checked against the bound before any
+/// buffer grows, the buffer grows only as bytes arrive, and the body is decoded only after
+/// the tag, timestamp and nonce pass. On error, close the connection.
+pub async fn read_message<R: AsyncRead + Unpin>(
+    io: &mut R,
+    auth: &Auth,
+) -> Result<Message, ControlError> {
+    let mut prefix = [0u8; LEN_PREFIX];
+    let mut got = 0;
+    while got < LEN_PREFIX {
+        match io.read(&mut prefix[got..]).await? {
+            0 if got == 0 => return Err(ControlError::Closed),
+            0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+            n => got += n,
+        }
+    }
+    let len = auth.check_len(prefix)?;
+    // Grow with the bytes that actually arrive, not with the announced length.
+    let mut frame = Vec::with_capacity(LEN_PREFIX + len.min(64 * 1024));
+    frame.extend_from_slice(&prefix);
+    let read = io.take(len as u64).read_to_end(&mut frame).await?;
+    if read < len {
+        return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+    }
+    auth.open(&frame, now_ms())
 }
 
 #[cfg(test)]

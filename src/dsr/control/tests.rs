@@ -54,6 +54,7 @@ fn all_messages() -> Vec<Message> {
             reason: "setsockopt TCP_REPAIR_QUEUE: operation not permitted".into(),
         },
         Message::Steered { id: 9 },
+        Message::Abort { id: 10 },
         Message::Closed {
             id: 10,
             bytes_from_client: 1 << 40,
@@ -390,6 +391,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
             reason
         }),
         any::<u64>().prop_map(|id| Message::Steered { id }),
+        any::<u64>().prop_map(|id| Message::Abort { id }),
         (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(id, a, b)| Message::Closed {
             id,
             bytes_from_client: a,

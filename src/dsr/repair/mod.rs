@@ -255,7 +255,7 @@ pub fn freeze_and_dump(fd: impl AsFd) -> Result<TcpState, RepairError> {
         .map_err(sys("setsockopt TCP_REPAIR=1"))?;
     let dumped = dump_in_repair(fd);
     if dumped.is_err() {
-        let _ = set_opt(fd, libc::SOL_TCP, libc::TCP_REPAIR, &TCP_REPAIR_OFF_NO_WP);
+        let _ = thaw(fd);
     }
     dumped
 }
@@ -365,6 +365,53 @@ fn dump_queue(
     Ok((seq, bytes))
 }
 
+/// Takes a socket that [`freeze_and_dump`] left in repair mode out of it again, without a
+/// window probe, so it carries on where it stopped: the proxy's fallback when a hand-off
+/// fails before the flow was steered (docs/design.md §6 step 9). The bytes peeked by the
+/// dump are still queued.
+pub fn thaw(fd: impl AsFd) -> Result<(), RepairError> {
+    let fd = fd.as_fd();
+    if let Err(e) = set_opt(fd, libc::SOL_TCP, libc::TCP_REPAIR, &TCP_REPAIR_OFF_NO_WP) {
+        // Kernels before 4.14 know only 0 (off, with a window probe).
+        set_opt(fd, libc::SOL_TCP, libc::TCP_REPAIR, &TCP_REPAIR_OFF).map_err(|_| {
+            RepairError::Sys {
+                step: "setsockopt TCP_REPAIR=-1",
+                errno: e,
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// Closes `socket` without a word to its peer: in repair mode the kernel sends neither FIN
+/// nor RST. For a rebuilt socket whose hand-off was called off (the connection lives on
+/// elsewhere). Returns whether repair mode could be entered; if not, the socket is closed
+/// with a reset rather than a FIN, so the peer never takes the close for a clean end.
+pub fn discard(socket: impl Into<std::os::fd::OwnedFd>) -> bool {
+    let fd: std::os::fd::OwnedFd = socket.into();
+    let silent = setsockopt(&fd, sockopt::TcpRepair, &(TCP_REPAIR_ON as u32)).is_ok();
+    if !silent {
+        let _ = socket2::SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO));
+    }
+    drop(fd);
+    silent
+}
+
+impl TcpState {
+    /// Drops the first `n` bytes of the receive queue as if the application had read them
+    /// (the key header, when the backend must not see it): the queue's sequence number moves
+    /// on by `n`, so the rebuilt socket continues at the right byte. Fails if fewer than `n`
+    /// bytes are queued.
+    pub fn strip_front(&mut self, n: usize) -> Result<(), RepairError> {
+        if n > self.recv_queue.len() {
+            return Err(RepairError::Decode("receive queue shorter than the header"));
+        }
+        self.recv_queue.drain(..n);
+        self.recv_seq = self.recv_seq.wrapping_add(n as u32);
+        Ok(())
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Rebuild.
 
@@ -462,15 +509,7 @@ pub fn rebuild(state: &TcpState) -> Result<TcpStream, RepairError> {
     set_opt(fd, libc::SOL_TCP, libc::TCP_REPAIR_WINDOW, &state.window)
         .map_err(sys("setsockopt TCP_REPAIR_WINDOW"))?;
 
-    if let Err(e) = set_opt(fd, libc::SOL_TCP, libc::TCP_REPAIR, &TCP_REPAIR_OFF_NO_WP) {
-        // Kernels before 4.14 know only 0 (off, with a window probe).
-        set_opt(fd, libc::SOL_TCP, libc::TCP_REPAIR, &TCP_REPAIR_OFF).map_err(|_| {
-            RepairError::Sys {
-                step: "setsockopt TCP_REPAIR=-1",
-                errno: e,
-            }
-        })?;
-    }
+    thaw(fd)?;
     Ok(TcpStream::from(socket))
 }
 

@@ -1,0 +1,528 @@
+//! The proxy's side of a hand-off (docs/design.md §6): freeze, dump, ship, steer — or fall
+//! back — and the table of handed-off flows until their agents report them closed.
+//!
+//! [`Dsr::hand_off`] runs the sequence for one connection whose key header has been peeked:
+//!
+//! 1. the agent's link must be up (connecting if needed; a link in its retry pause fails at
+//!    once), so nothing is frozen for an agent that cannot answer;
+//! 2. freeze the client's flow at the device's ingress (nftables set), then dump the socket
+//!    with `TCP_REPAIR` — it stays open, in repair mode;
+//! 3. send the state (the key header removed from its receive queue if the header is
+//!    stripped) and wait, at most the hand-off timeout, for `Imported`;
+//! 4. steer the flow to the agent's host and unfreeze it, in one nftables transaction;
+//!    then `Steered` to the agent, which only now gives the socket to the application.
+//!
+//! The proxy's socket is left in repair mode: the caller closes it, and the kernel sends
+//! nothing. Any failure before step 4 completes takes the socket out of repair mode and
+//! unfreezes the flow, and the caller splices the connection as usual: the bytes the dump
+//! peeked are still queued, and the client's packets dropped meanwhile are retransmitted.
+//! A failure after `Imported` also sends `Abort`, so the agent drops its copy without a
+//! word. Each outcome is counted in `shardproxy_dsr_handoffs_total{result}`.
+//!
+//! Flows: every handed-off flow is kept (client, agent) until its agent reports `Closed`;
+//! then its steering entry and the proxy host's conntrack entry are removed. While the
+//! agent's link is up the proxy renews the flow's steering entry every third of the flow
+//! timeout; a flow whose agent stays away longer than that expires (its entry by nftables
+//! element timeout, its record here).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::control::{now_ms, Auth, Limits, Message, Role, Secret};
+use super::link::{AgentLink, ClosedReport, LinkError};
+use super::repair::{self, RepairError};
+use super::steer::{table_name, SteerConfig, SteerError, Steering, MAX_BATCH};
+use crate::config::DsrConfig;
+use crate::metrics::DsrMetrics;
+
+/// How a hand-off ended: `Ok` or the reason it fell back to splicing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandoffResult {
+    /// Handed off: the agent's host now owns the connection.
+    Ok,
+    /// `nft` is not installed (steering never started).
+    NftMissing,
+    /// No CAP_NET_ADMIN: nftables or `TCP_REPAIR` refused.
+    NoPermission,
+    /// Steering failed to start for another reason, or an nftables update failed.
+    SteeringFailed,
+    /// The socket was not ESTABLISHED (e.g. the client already half-closed).
+    NotEstablished,
+    /// The kernel lacks `TCP_REPAIR` or an option of it.
+    Unsupported,
+    /// The socket's state was over a bound (a queue over 64 MiB).
+    Invalid,
+    /// Another system call failed while dumping.
+    Io,
+    /// The agent could not be reached.
+    AgentUnreachable,
+    /// The agent failed authentication (wrong secret?).
+    AgentAuth,
+    /// The agent did not answer in time.
+    AgentTimeout,
+    /// The agent answered `Failed`.
+    AgentRefused,
+    /// The control connection broke mid-hand-off.
+    AgentLost,
+}
+
+impl HandoffResult {
+    /// Every result, for registering the counters up front.
+    pub const ALL: [HandoffResult; 13] = [
+        HandoffResult::Ok,
+        HandoffResult::NftMissing,
+        HandoffResult::NoPermission,
+        HandoffResult::SteeringFailed,
+        HandoffResult::NotEstablished,
+        HandoffResult::Unsupported,
+        HandoffResult::Invalid,
+        HandoffResult::Io,
+        HandoffResult::AgentUnreachable,
+        HandoffResult::AgentAuth,
+        HandoffResult::AgentTimeout,
+        HandoffResult::AgentRefused,
+        HandoffResult::AgentLost,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            HandoffResult::Ok => "ok",
+            HandoffResult::NftMissing => "nft_missing",
+            HandoffResult::NoPermission => "no_permission",
+            HandoffResult::SteeringFailed => "steering_failed",
+            HandoffResult::NotEstablished => "not_established",
+            HandoffResult::Unsupported => "unsupported",
+            HandoffResult::Invalid => "invalid",
+            HandoffResult::Io => "io",
+            HandoffResult::AgentUnreachable => "agent_unreachable",
+            HandoffResult::AgentAuth => "agent_auth",
+            HandoffResult::AgentTimeout => "agent_timeout",
+            HandoffResult::AgentRefused => "agent_refused",
+            HandoffResult::AgentLost => "agent_lost",
+        }
+    }
+
+    fn of_repair(e: &RepairError) -> Self {
+        use super::repair::FallbackReason as R;
+        match e.reason() {
+            R::NotEstablished => HandoffResult::NotEstablished,
+            R::NoPermission => HandoffResult::NoPermission,
+            R::Unsupported => HandoffResult::Unsupported,
+            R::Invalid => HandoffResult::Invalid,
+            R::Io => HandoffResult::Io,
+        }
+    }
+
+    fn of_steer(e: &SteerError) -> Self {
+        match e {
+            SteerError::NftMissing { .. } => HandoffResult::NftMissing,
+            SteerError::Permission { .. } => HandoffResult::NoPermission,
+            _ => HandoffResult::SteeringFailed,
+        }
+    }
+
+    fn of_link(e: &LinkError) -> Self {
+        match e {
+            LinkError::Unreachable(_) => HandoffResult::AgentUnreachable,
+            LinkError::Auth(_) => HandoffResult::AgentAuth,
+            LinkError::Timeout => HandoffResult::AgentTimeout,
+            LinkError::Refused { .. } => HandoffResult::AgentRefused,
+            LinkError::Lost(_) => HandoffResult::AgentLost,
+        }
+    }
+}
+
+/// A handed-off flow, until its agent reports it closed.
+#[derive(Debug, Clone, Copy)]
+struct Flow {
+    client: SocketAddrV4,
+    agent: SocketAddr,
+    /// Last time its steering entry was renewed (or set).
+    renewed: Instant,
+}
+
+/// The proxy's DSR state: steering, agent links, handed-off flows.
+pub struct Dsr {
+    config: DsrConfig,
+    vip: SocketAddrV4,
+    /// The steering, or why it could not start (every hand-off then falls back with it).
+    steering: Result<Steering, HandoffResult>,
+    auth: Auth,
+    links: Mutex<HashMap<SocketAddr, Arc<AgentLink>>>,
+    flows: Mutex<HashMap<u64, Flow>>,
+    next_id: AtomicU64,
+    metrics: DsrMetrics,
+    closed_tx: mpsc::UnboundedSender<ClosedReport>,
+    /// The runtime the links run on (the proxy's main runtime, not a worker's).
+    runtime: tokio::runtime::Handle,
+    stop: CancellationToken,
+}
+
+impl Dsr {
+    /// Starts DSR for the listener at `vip`: reads the secret, creates the nftables ruleset
+    /// (a failure is logged and turns every hand-off into a counted fallback), and starts the
+    /// flow upkeep. Must be called on the runtime that outlives the connections. The links
+    /// and the upkeep run until [`Dsr::drain`] or the drop of the last reference.
+    pub async fn start(
+        config: DsrConfig,
+        vip: SocketAddrV4,
+        metrics: DsrMetrics,
+    ) -> Result<Arc<Dsr>, crate::dsr::control::ControlError> {
+        let stop = CancellationToken::new();
+        let secret = Secret::from_file(&config.secret_file)?;
+        let auth = Auth::new(&secret, Role::Proxy, Limits::default());
+        let table = table_name(&format!("{}_{}", vip.ip(), vip.port()));
+        let mut steer = SteerConfig::new(table, config.device.clone(), vip);
+        // Renewed every third of it while the agent is up.
+        steer.flow_timeout = config.flow_timeout;
+        let steering = match Steering::start_with(steer).await {
+            Ok(s) => {
+                info!(table = s.table(), device = %config.device, "DSR steering ready");
+                Ok(s)
+            }
+            Err(e) => {
+                let why = HandoffResult::of_steer(&e);
+                warn!(error = %e, reason = why.label(), "DSR steering unavailable: every connection will be spliced");
+                Err(why)
+            }
+        };
+        let (closed_tx, closed_rx) = mpsc::unbounded_channel();
+        let dsr = Arc::new(Dsr {
+            config,
+            vip,
+            steering,
+            auth,
+            links: Mutex::new(HashMap::new()),
+            flows: Mutex::new(HashMap::new()),
+            // Ids differ across restarts, which keeps logs of both runs apart.
+            next_id: AtomicU64::new(now_ms() << 16),
+            metrics,
+            closed_tx,
+            runtime: tokio::runtime::Handle::current(),
+            stop: stop.clone(),
+        });
+        tokio::spawn(upkeep(Arc::downgrade(&dsr), closed_rx, stop));
+        Ok(dsr)
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &DsrConfig {
+        &self.config
+    }
+
+    /// Handed-off flows not yet reported closed.
+    pub fn active_flows(&self) -> usize {
+        self.flows.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Hands `client` (its key header peeked, not read) to the agent at `agent`, which
+    /// serves `backend`; `strip` header bytes are removed from what the application will
+    /// read. On `Ok` the socket is in repair mode and must be closed by the caller without
+    /// further use; on `Err` it is back to normal, every byte still queued, and the caller
+    /// splices it.
+    pub async fn hand_off(
+        &self,
+        client: &TcpStream,
+        agent: SocketAddr,
+        backend: &str,
+        strip: usize,
+    ) -> Result<(), HandoffResult> {
+        let r = self.try_hand_off(client, agent, backend, strip).await;
+        self.metrics.handoff(r.err().unwrap_or(HandoffResult::Ok));
+        r
+    }
+
+    async fn try_hand_off(
+        &self,
+        client: &TcpStream,
+        agent: SocketAddr,
+        backend: &str,
+        strip: usize,
+    ) -> Result<(), HandoffResult> {
+        let steering = self.steering.as_ref().map_err(|why| *why)?;
+        let Ok(SocketAddr::V4(peer)) = client.peer_addr() else {
+            return Err(HandoffResult::Io);
+        };
+        let IpAddr::V4(agent_host) = agent.ip() else {
+            return Err(HandoffResult::AgentUnreachable);
+        };
+        let link = self.link(agent);
+        link.ready().await.map_err(|e| {
+            debug!(agent = %agent, error = %e, "DSR link not ready");
+            HandoffResult::of_link(&e)
+        })?;
+
+        let started = Instant::now();
+        steering
+            .freeze(peer)
+            .await
+            .map_err(|e| HandoffResult::of_steer(&e))?;
+        // From here on every failure thaws and unfreezes.
+        let undo = |why: HandoffResult| async move {
+            if let Err(e) = repair::thaw(client) {
+                // The socket stays in repair mode: it can neither be handed off nor
+                // spliced. Reset it so the client learns at once.
+                warn!(client = %peer, error = %e, "cannot take the socket out of repair mode");
+                let _ = socket2::SockRef::from(client).set_linger(Some(Duration::ZERO));
+            }
+            if let Err(e) = steering.unfreeze(peer).await {
+                // The frozen entry expires by itself within seconds.
+                warn!(client = %peer, error = %e, "cannot unfreeze a flow");
+            }
+            why
+        };
+        let mut state = match repair::freeze_and_dump(client) {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(client = %peer, error = %e, "cannot dump the socket");
+                // freeze_and_dump left the socket out of repair mode.
+                if let Err(e) = steering.unfreeze(peer).await {
+                    warn!(client = %peer, error = %e, "cannot unfreeze a flow");
+                }
+                return Err(HandoffResult::of_repair(&e));
+            }
+        };
+        if strip > 0 {
+            if let Err(e) = state.strip_front(strip) {
+                return Err(undo(HandoffResult::of_repair(&e)).await);
+            }
+        }
+        let encoded = match state.encode() {
+            Ok(bytes) => bytes,
+            Err(e) => return Err(undo(HandoffResult::of_repair(&e)).await),
+        };
+        drop(state);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let msg = Message::Handoff {
+            id,
+            backend: backend.to_owned(),
+            state: encoded,
+            strip_header: strip > 0,
+        };
+        match timeout(self.config.handoff_timeout, link.handoff(msg)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                debug!(client = %peer, agent = %agent, error = %e, "hand-off refused");
+                return Err(undo(HandoffResult::of_link(&e)).await);
+            }
+            Err(_) => {
+                // A late Imported is answered with Abort by the link.
+                return Err(undo(HandoffResult::AgentTimeout).await);
+            }
+        }
+        if let Err(e) = steering.steer(peer, agent_host).await {
+            warn!(client = %peer, error = %e, "cannot steer a handed-off flow; keeping it");
+            link.notify_later(Message::Abort { id });
+            return Err(undo(HandoffResult::of_steer(&e)).await);
+        }
+        self.metrics.handoff_duration(started.elapsed());
+        self.flows.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            id,
+            Flow {
+                client: peer,
+                agent,
+                renewed: Instant::now(),
+            },
+        );
+        self.metrics.set_active(self.active_flows());
+        if let Err(e) = link.notify(Message::Steered { id }).await {
+            // Steered, but the agent will never hear it: it drops its copy after its own
+            // timeout, and the client's next packet is answered with a reset. Not a silent
+            // truncation, but a lost connection: say so.
+            warn!(client = %peer, agent = %agent, error = %e, "hand-off lost after steering");
+            self.forget(id).await;
+            return Err(HandoffResult::AgentLost);
+        }
+        debug!(client = %peer, agent = %agent, id, backend, "handed off");
+        Ok(())
+    }
+
+    /// The link to `agent`, started on first use.
+    fn link(&self, agent: SocketAddr) -> Arc<AgentLink> {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        links
+            .entry(agent)
+            .or_insert_with(|| {
+                let _guard = self.runtime.enter();
+                AgentLink::start(
+                    agent,
+                    self.auth.clone(),
+                    self.config.handoff_timeout,
+                    self.closed_tx.clone(),
+                    self.stop.clone(),
+                )
+            })
+            .clone()
+    }
+
+    /// Removes flow `id`'s record, steering entry and conntrack entry.
+    async fn forget(&self, id: u64) -> Option<Flow> {
+        let flow = self
+            .flows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id)?;
+        self.metrics.set_active(self.active_flows());
+        if let Ok(steering) = &self.steering {
+            if let Err(e) = steering.remove(flow.client).await {
+                warn!(client = %flow.client, error = %e, "cannot remove a flow's steering");
+            }
+            forget_conntrack(flow.client, self.vip).await;
+        }
+        Some(flow)
+    }
+
+    /// Handles a batch of `Closed` reports (removed together: their nftables updates join
+    /// into one transaction).
+    async fn on_closed(&self, reports: &[ClosedReport]) {
+        let known = |r: &ClosedReport| {
+            self.flows
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&r.id)
+                .is_some_and(|f| f.agent == r.agent)
+        };
+        let reports: Vec<&ClosedReport> = reports
+            .iter()
+            .filter(|r| {
+                let k = known(r);
+                if !k {
+                    debug!(agent = %r.agent, id = r.id, "Closed for an unknown flow");
+                }
+                k
+            })
+            .collect();
+        let forgotten = join_all(reports.iter().map(|r| self.forget(r.id))).await;
+        for (r, flow) in reports.into_iter().zip(forgotten) {
+            if let Some(flow) = flow {
+                self.metrics
+                    .flow_closed(r.bytes_from_client, r.bytes_to_client);
+                debug!(client = %flow.client, agent = %flow.agent, from_client = r.bytes_from_client, to_client = r.bytes_to_client, "handed-off flow closed");
+            }
+        }
+    }
+
+    /// Renews the entries of flows whose agent is up; forgets flows not renewed for a whole
+    /// flow timeout (their entries have expired in nftables).
+    async fn renew(&self) {
+        let Ok(steering) = &self.steering else {
+            return;
+        };
+        let now = Instant::now();
+        let timeout = self.config.flow_timeout;
+        let (mut renew, mut expired) = (Vec::new(), Vec::new());
+        {
+            let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+            let flows = self.flows.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, f) in flows.iter() {
+                if links.get(&f.agent).is_some_and(|l| l.is_up()) {
+                    renew.push((*id, f.client));
+                } else if now.duration_since(f.renewed) >= timeout {
+                    expired.push(*id);
+                }
+            }
+        }
+        for gone in join_all(expired.into_iter().map(|id| self.forget(id))).await {
+            if gone.is_some() {
+                self.metrics.flow_expired();
+            }
+        }
+        // Issued together, so the steering worker joins them into batches.
+        let results = join_all(renew.iter().map(|(_, c)| steering.refresh(*c))).await;
+        let mut flows = self.flows.lock().unwrap_or_else(|p| p.into_inner());
+        for ((id, client), r) in renew.into_iter().zip(results) {
+            match r {
+                Ok(()) => {
+                    if let Some(f) = flows.get_mut(&id) {
+                        f.renewed = now;
+                    }
+                }
+                Err(e) => warn!(client = %client, error = %e, "cannot renew a flow's steering"),
+            }
+        }
+    }
+
+    /// Waits until every handed-off flow is reported closed or `deadline` passes, then
+    /// removes the steering ruleset. Returns the flows still open at the end (cut: their
+    /// clients' packets reach this host again, which resets them).
+    pub async fn drain(&self, deadline: Duration) -> usize {
+        let end = Instant::now() + deadline;
+        while self.active_flows() > 0 && Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = self.active_flows();
+        self.stop.cancel();
+        if let Ok(s) = &self.steering {
+            if let Err(e) = s.shutdown().await {
+                warn!(error = %e, "cannot remove the DSR steering table");
+            }
+        }
+        left
+    }
+}
+
+impl Drop for Dsr {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Deletes the proxy host's conntrack entry of a finished flow (it would otherwise linger
+/// ESTABLISHED for days: the flow's later packets never reached this host's stack). No
+/// entry (conntrack not loaded, or not tracking) is fine.
+async fn forget_conntrack(client: SocketAddrV4, vip: SocketAddrV4) {
+    let deleted =
+        tokio::task::spawn_blocking(move || super::netlink::conntrack_delete(client, vip)).await;
+    match deleted {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => debug!(client = %client, error = %e, "cannot delete a conntrack entry"),
+        Err(e) => debug!(error = %e, "conntrack task failed"),
+    }
+}
+
+/// The flow upkeep: `Closed` reports, renewal, expiry. Ends with `stop` or the [`Dsr`].
+async fn upkeep(
+    dsr: std::sync::Weak<Dsr>,
+    mut closed: mpsc::UnboundedReceiver<ClosedReport>,
+    stop: CancellationToken,
+) {
+    let period = match dsr.upgrade() {
+        Some(d) => (d.config.flow_timeout / 3).max(Duration::from_millis(100)),
+        None => return,
+    };
+    let mut renew = tokio::time::interval(period);
+    renew.tick().await;
+    loop {
+        tokio::select! {
+            r = closed.recv() => match (r, dsr.upgrade()) {
+                (Some(first), Some(d)) => {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match closed.try_recv() {
+                            Ok(r) => batch.push(r),
+                            Err(_) => break,
+                        }
+                    }
+                    d.on_closed(&batch).await;
+                }
+                _ => return,
+            },
+            _ = renew.tick() => match dsr.upgrade() {
+                Some(d) => d.renew().await,
+                None => return,
+            },
+            () = stop.cancelled() => return,
+        }
+    }
+}
