@@ -470,6 +470,32 @@ mod tests {
     }
 
     #[test]
+    fn backend_agents_and_dsr_key_prefixes() {
+        let b: BackendSpec = "b1=10.0.0.11:9000,agent=10.0.0.11:7100,weight=3"
+            .parse()
+            .unwrap();
+        assert_eq!(b.agent, Some("10.0.0.11:7100".parse().unwrap()));
+        assert_eq!(b.weight, 3);
+        // Display round-trips, agent included.
+        assert_eq!(b.to_string().parse::<BackendSpec>().unwrap(), b);
+        let plain: BackendSpec = "b2=10.0.0.12:9000".parse().unwrap();
+        assert_eq!(plain.agent, None);
+        assert!("b=127.0.0.1:1,agent=".parse::<BackendSpec>().is_err());
+        // The agent never affects routing: the same names and weights route alike.
+        let with = Router::new([("b1", 3), ("b2", 1)]).unwrap();
+        assert_eq!(
+            with.fingerprint(),
+            Router::new([("b1", 3), ("b2", 1)]).unwrap().fingerprint()
+        );
+
+        let mut d = DsrConfig::new("eth0", "/s");
+        assert!(d.wants(b"anything"));
+        d.key_prefixes = vec![b"snap:".to_vec(), b"dump:".to_vec()];
+        assert!(d.wants(b"snap:42") && d.wants(b"dump:"));
+        assert!(!d.wants(b"user:1") && !d.wants(b"snap"));
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
