@@ -15,8 +15,9 @@
 //! Addresses and ports are in network byte order, as the kernel's tuples are. A
 //! `IPCTNL_MSG_CT_DELETE` WITHOUT a tuple flushes the whole table, so the tuple is always
 //! written (and a unit test pins the exact bytes). Answer: an `NLMSG_ERROR` with 0 (done;
-//! a GET first sends the entry) or `-ENOENT` (no such entry). Needs CAP_NET_ADMIN in the
-//! network namespace.
+//! a GET first sends the entry) or `-ENOENT` (no such entry). The kernel looks the tuple up
+//! in its hash, which holds both directions, so the reversed tuple (server → client) finds
+//! the same entry. Needs CAP_NET_ADMIN in the network namespace.
 
 use std::io;
 use std::net::SocketAddrV4;
