@@ -297,8 +297,33 @@ async fn watch_flows(
                         }
                     },
                 };
+                // Which watched peers of each VIP:port are missing from the dump. A dump is
+                // not an atomic snapshot (a socket removed mid-dump can hide a live one),
+                // so each missing flow is confirmed by an exact lookup before it is ended.
+                let watched: Vec<(SocketAddrV4, Vec<SocketAddrV4>)> = locals
+                    .iter()
+                    .map(|l| (*l, flows[l].keys().copied().collect()))
+                    .collect();
                 let seen = tokio::task::spawn_blocking(move || {
-                    let seen: Vec<_> = locals.iter().map(|l| (*l, d.sockets_at(*l))).collect();
+                    let seen: Vec<_> = watched
+                        .into_iter()
+                        .map(|(local, peers)| {
+                            let live = d.sockets_at(local).map(|mut live| {
+                                let missing: Vec<SocketAddrV4> = peers
+                                    .iter()
+                                    .filter(|p| !live.contains_key(p))
+                                    .copied()
+                                    .collect();
+                                for peer in missing {
+                                    if let Ok(Some(info)) = d.socket(local, peer) {
+                                        live.insert(peer, info);
+                                    }
+                                }
+                                live
+                            });
+                            (local, live)
+                        })
+                        .collect();
                     (d, seen)
                 })
                 .await;
