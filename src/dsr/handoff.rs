@@ -5,8 +5,9 @@
 //!
 //! 1. the agent's link must be up (connecting if needed; a link in its retry pause fails at
 //!    once), so nothing is frozen for an agent that cannot answer;
-//! 2. freeze the client's flow at the device's ingress (nftables set), then dump the socket
-//!    with `TCP_REPAIR` — it stays open, in repair mode;
+//! 2. freeze the socket (a drop-all socket filter: the client's packets are dropped before
+//!    TCP sees them and retransmitted later, with no firewall transaction on this path), then
+//!    dump it with `TCP_REPAIR` — it stays open, in repair mode;
 //! 3. send the state (the key header removed from its receive queue if the header is
 //!    stripped) and wait, at most the hand-off timeout, for `Imported`;
 //! 4. steer the flow to the agent's host and unfreeze it, in one nftables transaction;
@@ -14,7 +15,7 @@
 //!
 //! The proxy's socket is left in repair mode: the caller closes it, and the kernel sends
 //! nothing. Any failure before step 4 completes takes the socket out of repair mode and
-//! unfreezes the flow, and the caller splices the connection as usual: the bytes the dump
+//! removes the filter, and the caller splices the connection as usual: the bytes the dump
 //! peeked are still queued, and the client's packets dropped meanwhile are retransmitted.
 //! A failure after `Imported` also sends `Abort`, so the agent drops its copy without a
 //! word. Each outcome is counted in `shardproxy_dsr_handoffs_total{result}`.
@@ -263,44 +264,42 @@ impl Dsr {
             HandoffResult::of_link(&e)
         })?;
 
+        // Freeze: a drop-all socket filter (no firewall transaction on the hot path), then
+        // the dump. From here on every failure thaws and unblocks.
         let started = Instant::now();
-        steering
-            .freeze(peer)
-            .await
-            .map_err(|e| HandoffResult::of_steer(&e))?;
-        // From here on every failure thaws and unfreezes.
-        let undo = |why: HandoffResult| async move {
-            if let Err(e) = repair::thaw(client) {
-                // The socket stays in repair mode: it can neither be handed off nor
-                // spliced. Reset it so the client learns at once.
-                warn!(client = %peer, error = %e, "cannot take the socket out of repair mode");
+        repair::block_input(client).map_err(|e| HandoffResult::of_repair(&e))?;
+        // Undoes the freeze; `repaired`: the socket is in repair mode too.
+        let unfreeze = |why: HandoffResult, repaired: bool| {
+            let thawed = if repaired {
+                repair::thaw(client)
+            } else {
+                Ok(())
+            };
+            if let Err(e) = thawed.and_then(|()| repair::unblock_input(client)) {
+                // The socket stays frozen: it can neither be handed off nor spliced. Reset
+                // it so the client learns at once.
+                warn!(client = %peer, error = %e, "cannot unfreeze a socket; resetting it");
                 let _ = socket2::SockRef::from(client).set_linger(Some(Duration::ZERO));
-            }
-            if let Err(e) = steering.unfreeze(peer).await {
-                // The frozen entry expires by itself within seconds.
-                warn!(client = %peer, error = %e, "cannot unfreeze a flow");
             }
             why
         };
+        let undo = |why: HandoffResult| unfreeze(why, true);
         let mut state = match repair::freeze_and_dump(client) {
             Ok(s) => s,
             Err(e) => {
                 debug!(client = %peer, error = %e, "cannot dump the socket");
                 // freeze_and_dump left the socket out of repair mode.
-                if let Err(e) = steering.unfreeze(peer).await {
-                    warn!(client = %peer, error = %e, "cannot unfreeze a flow");
-                }
-                return Err(HandoffResult::of_repair(&e));
+                return Err(unfreeze(HandoffResult::of_repair(&e), false));
             }
         };
         if strip > 0 {
             if let Err(e) = state.strip_front(strip) {
-                return Err(undo(HandoffResult::of_repair(&e)).await);
+                return Err(undo(HandoffResult::of_repair(&e)));
             }
         }
         let encoded = match state.encode() {
             Ok(bytes) => bytes,
-            Err(e) => return Err(undo(HandoffResult::of_repair(&e)).await),
+            Err(e) => return Err(undo(HandoffResult::of_repair(&e))),
         };
         drop(state);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -314,17 +313,17 @@ impl Dsr {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 debug!(client = %peer, agent = %agent, error = %e, "hand-off refused");
-                return Err(undo(HandoffResult::of_link(&e)).await);
+                return Err(undo(HandoffResult::of_link(&e)));
             }
             Err(_) => {
                 // A late Imported is answered with Abort by the link.
-                return Err(undo(HandoffResult::AgentTimeout).await);
+                return Err(undo(HandoffResult::AgentTimeout));
             }
         }
         if let Err(e) = steering.steer(peer, agent_host).await {
             warn!(client = %peer, error = %e, "cannot steer a handed-off flow; keeping it");
             link.notify_later(Message::Abort { id });
-            return Err(undo(HandoffResult::of_steer(&e)).await);
+            return Err(undo(HandoffResult::of_steer(&e)));
         }
         self.metrics.handoff_duration(started.elapsed());
         self.flows.lock().unwrap_or_else(|p| p.into_inner()).insert(

@@ -365,6 +365,20 @@ fn dump_queue(
     Ok((seq, bytes))
 }
 
+/// Stops `fd` from taking any more packets: a one-instruction socket filter drops them
+/// before TCP sees them (no ACK, no state change), so the peer retransmits them later — to
+/// wherever the connection then lives. The proxy's freeze before [`freeze_and_dump`]
+/// (docs/design.md §6 step 2), with no firewall transaction; [`unblock_input`] undoes it.
+pub fn block_input(fd: impl AsFd) -> Result<(), RepairError> {
+    sys::attach_drop_all(fd.as_fd()).map_err(sys("setsockopt SO_ATTACH_FILTER"))
+}
+
+/// Removes the filter [`block_input`] attached: packets reach the socket again.
+pub fn unblock_input(fd: impl AsFd) -> Result<(), RepairError> {
+    set_opt(fd.as_fd(), libc::SOL_SOCKET, libc::SO_DETACH_FILTER, &0i32)
+        .map_err(sys("setsockopt SO_DETACH_FILTER"))
+}
+
 /// Takes a socket that [`freeze_and_dump`] left in repair mode out of it again, without a
 /// window probe, so it carries on where it stopped: the proxy's fallback when a hand-off
 /// fails before the flow was steered (docs/design.md §6 step 9). The bytes peeked by the

@@ -114,3 +114,34 @@ pub(super) fn ioctl_int(fd: BorrowedFd<'_>, request: libc::c_ulong) -> Result<i3
     Errno::result(rc)?;
     Ok(value)
 }
+
+/// Attaches a classic BPF program of one instruction, `ret #0`, to `fd`: the kernel then
+/// drops every packet for this socket before TCP looks at it (`tcp_filter` in
+/// `tcp_v4_rcv`): no ACK, no state change; the peer retransmits.
+#[allow(unsafe_code)]
+pub(super) fn attach_drop_all(fd: BorrowedFd<'_>) -> Result<(), Errno> {
+    // BPF_RET | BPF_K with k = 0: accept 0 bytes, i.e. drop.
+    let mut program = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }];
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: the fd is open for the borrow's duration; `fprog` is a live `sock_fprog`
+    // whose `filter` points to `len` live `sock_filter`s, and its exact size is passed; the
+    // kernel copies the program during the call and keeps no pointer to our memory.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            std::ptr::from_ref(&fprog).cast(),
+            mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    Errno::result(rc).map(drop)
+}

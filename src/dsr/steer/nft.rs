@@ -63,14 +63,30 @@ pub(super) struct Nft {
     config: SteerConfig,
     child: Option<NftChild>,
     seq: u64,
-    /// Backend host and our estimate of the kernel's expiry of every steered flow: removing
-    /// a map element with the add-then-delete idiom needs its value.
-    flows: HashMap<SocketAddrV4, (Ipv4Addr, Instant)>,
+    /// Every flow element in the map, live or expired-but-maybe-not-collected: its value is
+    /// needed to update its expiry, and a new value for the same key needs a real delete.
+    flows: HashMap<SocketAddrV4, Entry>,
     batches: u64,
 }
 
-/// The tracked flow changes a planned batch makes if it succeeds (`None` = removed).
-pub(super) type Overlay = HashMap<SocketAddrV4, Option<(Ipv4Addr, Instant)>>;
+/// A flow element as the worker believes the kernel holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Entry {
+    /// The map's value: the backend host.
+    pub backend: Ipv4Addr,
+    /// Our estimate of its expiry.
+    pub expires: Instant,
+    /// Steered (true) or removed by expiring it (false: it may linger until the kernel's
+    /// garbage collection, and must not be re-added with another value without a delete).
+    pub live: bool,
+}
+
+/// How long a removed (expired) flow element is remembered: far longer than the kernel
+/// takes to collect it.
+const STALE_KEEP: Duration = Duration::from_secs(60);
+
+/// The tracked flow changes a planned batch makes if it succeeds.
+pub(super) type Overlay = HashMap<SocketAddrV4, Entry>;
 
 pub(super) fn elem(c: SocketAddrV4) -> String {
     format!("{} . {}", c.ip(), c.port())
@@ -178,6 +194,14 @@ impl Nft {
     }
 
     /// The commands for `op` given the tracked flows and this batch's earlier changes.
+    ///
+    /// No element is deleted on the hot path: on this kernel (6.18) a transaction that
+    /// deletes a committed set element takes 10-20 ms (an RCU grace period) and stalls the
+    /// transactions behind it, while updating an element's expiry costs what an add does.
+    /// So an unfreeze or a removal re-adds the element with `expires 1ms` (the kernel updates
+    /// the timeout of an existing element; an expired element no longer matches and is
+    /// garbage-collected), and every add states its timeout, which revives an expired
+    /// element with the same value. Only moving a key to another value needs a delete.
     pub(super) fn plan(
         &self,
         op: Op,
@@ -185,51 +209,66 @@ impl Nft {
         cmds: &mut Vec<String>,
     ) -> Result<(), SteerError> {
         let t = &self.config.table;
-        let current = |overlay: &Overlay, c: &SocketAddrV4| match overlay.get(c) {
-            Some(v) => *v,
-            None => self.flows.get(c).copied(),
+        let current = |overlay: &Overlay, c: &SocketAddrV4| {
+            overlay.get(c).or_else(|| self.flows.get(c)).copied()
         };
-        let deadline = Instant::now() + self.config.flow_timeout;
-        let drop_flow = |cmds: &mut Vec<String>, c: SocketAddrV4, b: Ipv4Addr| {
-            let e = format!("{{ {} : {b} }}", elem(c));
-            cmds.push(format!("add element netdev {t} flows {e}"));
-            cmds.push(format!("delete element netdev {t} flows {e}"));
+        let now = Instant::now();
+        let flow_ms = self.config.flow_timeout.as_millis();
+        let frozen_ms = self.config.frozen_timeout.as_millis();
+        let set_flow = |cmds: &mut Vec<String>, c: SocketAddrV4, b: Ipv4Addr, expires_ms: u128| {
+            cmds.push(format!(
+                "add element netdev {t} flows {{ {} timeout {flow_ms}ms expires {expires_ms}ms : {b} }}",
+                elem(c)
+            ));
         };
         let unfreeze = |cmds: &mut Vec<String>, c: SocketAddrV4| {
-            let e = elem(c);
-            cmds.push(format!("add element netdev {t} frozen {{ {e} }}"));
-            cmds.push(format!("delete element netdev {t} frozen {{ {e} }}"));
+            cmds.push(format!(
+                "add element netdev {t} frozen {{ {} timeout {frozen_ms}ms expires 1ms }}",
+                elem(c)
+            ));
+        };
+        let live = |b: Ipv4Addr| Entry {
+            backend: b,
+            expires: now + self.config.flow_timeout,
+            live: true,
         };
         match op {
-            Op::Freeze(c) => cmds.push(format!("add element netdev {t} frozen {{ {} }}", elem(c))),
+            Op::Freeze(c) => cmds.push(format!(
+                "add element netdev {t} frozen {{ {} timeout {frozen_ms}ms expires {frozen_ms}ms }}",
+                elem(c)
+            )),
             Op::Unfreeze(c) => unfreeze(cmds, c),
             Op::Steer(c, b) => {
-                if let Some((old, _)) = current(overlay, &c) {
-                    drop_flow(cmds, c, old);
+                if let Some(old) = current(overlay, &c).filter(|e| e.backend != b) {
+                    // Another value under the same key: the one delete (add first, so the
+                    // delete cannot fail whatever the kernel collected meanwhile).
+                    let e = format!("{{ {} : {} }}", elem(c), old.backend);
+                    cmds.push(format!("add element netdev {t} flows {e}"));
+                    cmds.push(format!("delete element netdev {t} flows {e}"));
                 }
-                cmds.push(format!(
-                    "add element netdev {t} flows {{ {} : {b} }}",
-                    elem(c)
-                ));
+                set_flow(cmds, c, b, flow_ms);
                 unfreeze(cmds, c);
-                overlay.insert(c, Some((b, deadline)));
+                overlay.insert(c, live(b));
             }
             Op::Remove(c) => {
-                if let Some((old, _)) = current(overlay, &c) {
-                    drop_flow(cmds, c, old);
+                if let Some(old) = current(overlay, &c).filter(|e| e.live) {
+                    set_flow(cmds, c, old.backend, 1);
+                    overlay.insert(
+                        c,
+                        Entry {
+                            expires: now,
+                            live: false,
+                            ..old
+                        },
+                    );
                 }
-                overlay.insert(c, None);
             }
             Op::Refresh(c) => {
-                let Some((b, _)) = current(overlay, &c) else {
+                let Some(old) = current(overlay, &c).filter(|e| e.live) else {
                     return Err(SteerError::NotSteered(c));
                 };
-                drop_flow(cmds, c, b);
-                cmds.push(format!(
-                    "add element netdev {t} flows {{ {} : {b} }}",
-                    elem(c)
-                ));
-                overlay.insert(c, Some((b, deadline)));
+                set_flow(cmds, c, old.backend, flow_ms);
+                overlay.insert(c, live(old.backend));
             }
         }
         Ok(())
@@ -291,24 +330,14 @@ impl Nft {
     }
 
     fn apply(&mut self, overlay: Overlay) {
-        for (c, v) in overlay {
-            match v {
-                Some(v) => {
-                    self.flows.insert(c, v);
-                }
-                None => {
-                    self.flows.remove(&c);
-                }
-            }
-        }
+        self.flows.extend(overlay);
     }
 
-    /// Forgets flows the kernel has expired (with a second's margin), bounding the memory of
-    /// flows whose close was never reported.
+    /// Forgets flows the kernel has expired and collected (with a wide margin), bounding
+    /// the memory of flows whose close was never reported.
     fn prune(&mut self) {
         let now = Instant::now();
-        self.flows
-            .retain(|_, (_, deadline)| *deadline + Duration::from_secs(1) > now);
+        self.flows.retain(|_, e| e.expires + STALE_KEEP > now);
     }
 }
 

@@ -72,7 +72,7 @@ fn setup_recreates_the_table_in_one_line() {
 }
 
 #[test]
-fn plans_are_idempotent_and_follow_the_batch() {
+fn plans_expire_rather_than_delete_and_follow_the_batch() {
     let nft = Nft::new(cfg());
     let mut overlay = Overlay::new();
     let mut cmds = Vec::new();
@@ -83,6 +83,7 @@ fn plans_are_idempotent_and_follow_the_batch() {
         nft.plan(Op::Refresh(a), &mut overlay, &mut cmds),
         Err(SteerError::NotSteered(_))
     ));
+    nft.plan(Op::Freeze(a), &mut overlay, &mut cmds).unwrap();
     nft.plan(
         Op::Steer(a, Ipv4Addr::new(10, 1, 0, 2)),
         &mut overlay,
@@ -92,13 +93,13 @@ fn plans_are_idempotent_and_follow_the_batch() {
     assert_eq!(
         cmds,
         [
-            "add element netdev shardproxy_7000 flows { 10.0.0.1 . 4000 : 10.1.0.2 }",
-            "add element netdev shardproxy_7000 frozen { 10.0.0.1 . 4000 }",
-            "delete element netdev shardproxy_7000 frozen { 10.0.0.1 . 4000 }",
+            "add element netdev shardproxy_7000 frozen { 10.0.0.1 . 4000 timeout 5000ms expires 5000ms }",
+            "add element netdev shardproxy_7000 flows { 10.0.0.1 . 4000 timeout 3600000ms expires 3600000ms : 10.1.0.2 }",
+            "add element netdev shardproxy_7000 frozen { 10.0.0.1 . 4000 timeout 5000ms expires 1ms }",
         ]
     );
     cmds.clear();
-    // Later requests of the same batch see the steer.
+    // Later requests of the same batch see the steer; only a new value needs a delete.
     nft.plan(
         Op::Steer(a, Ipv4Addr::new(10, 1, 0, 3)),
         &mut overlay,
@@ -110,19 +111,52 @@ fn plans_are_idempotent_and_follow_the_batch() {
         [
             "add element netdev shardproxy_7000 flows { 10.0.0.1 . 4000 : 10.1.0.2 }",
             "delete element netdev shardproxy_7000 flows { 10.0.0.1 . 4000 : 10.1.0.2 }",
-            "add element netdev shardproxy_7000 flows { 10.0.0.1 . 4000 : 10.1.0.3 }",
+            "add element netdev shardproxy_7000 flows { 10.0.0.1 . 4000 timeout 3600000ms expires 3600000ms : 10.1.0.3 }",
         ]
     );
     cmds.clear();
+    nft.plan(Op::Refresh(a), &mut overlay, &mut cmds).unwrap();
+    assert_eq!(
+        cmds,
+        ["add element netdev shardproxy_7000 flows { 10.0.0.1 . 4000 timeout 3600000ms expires 3600000ms : 10.1.0.3 }"]
+    );
+    cmds.clear();
+    // A removal expires the element at once: no delete.
     nft.plan(Op::Remove(a), &mut overlay, &mut cmds).unwrap();
     assert_eq!(
         cmds,
-        [
-            "add element netdev shardproxy_7000 flows { 10.0.0.1 . 4000 : 10.1.0.3 }",
-            "delete element netdev shardproxy_7000 flows { 10.0.0.1 . 4000 : 10.1.0.3 }",
-        ]
+        ["add element netdev shardproxy_7000 flows { 10.0.0.1 . 4000 timeout 3600000ms expires 1ms : 10.1.0.3 }"]
     );
-    assert_eq!(overlay.get(&a), Some(&None));
+    assert!(!overlay[&a].live);
+    cmds.clear();
+    nft.plan(Op::Remove(a), &mut overlay, &mut cmds).unwrap();
+    assert!(cmds.is_empty(), "removed twice: {cmds:?}");
+    assert!(matches!(
+        nft.plan(Op::Refresh(a), &mut overlay, &mut cmds),
+        Err(SteerError::NotSteered(_))
+    ));
+    // The same flow steered again to the same host revives the expired element in place; to
+    // another host, the lingering element is deleted first.
+    nft.plan(
+        Op::Steer(a, Ipv4Addr::new(10, 1, 0, 3)),
+        &mut overlay,
+        &mut cmds,
+    )
+    .unwrap();
+    assert!(!cmds.iter().any(|c| c.starts_with("delete")), "{cmds:?}");
+    cmds.clear();
+    nft.plan(Op::Remove(a), &mut overlay, &mut cmds).unwrap();
+    cmds.clear();
+    nft.plan(
+        Op::Steer(a, Ipv4Addr::new(10, 1, 0, 4)),
+        &mut overlay,
+        &mut cmds,
+    )
+    .unwrap();
+    assert_eq!(
+        cmds[1],
+        "delete element netdev shardproxy_7000 flows { 10.0.0.1 . 4000 : 10.1.0.3 }"
+    );
 }
 
 #[test]
