@@ -209,6 +209,9 @@ def unix_agent(conn, name):
                 log("bad hand-off message %r with %d fds" % (msg, len(fds)))
                 return
             s = socket.socket(fileno=fds[0])
+            # The agent's socket arrives non-blocking (O_NONBLOCK is a file-status flag and
+            # travels with the descriptor); this application uses blocking calls.
+            s.setblocking(True)
             threading.Thread(target=serve, args=(s, name, "unix"), daemon=True).start()
     finally:
         conn.close()
