@@ -158,7 +158,7 @@ def download(c):
 
 def frozen_put(c):
     """Request bytes in small writes straight after the header, over ~--duration seconds."""
-    n, piece = OPTS.stream_bytes, 256
+    n, piece = OPTS.stream_bytes, 128
     pieces = (n + piece - 1) // piece
     gap = OPTS.duration / pieces
     c.sock.sendall(c.hello_bytes() + b"PUT %d\n" % n)
