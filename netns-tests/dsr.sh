@@ -429,7 +429,7 @@ PROXY_RUNS=0
 start_proxy() {
     local port=$1 admin=$2; shift 2
     local out="$LOGDIR/proxy-$port.$((++PROXY_RUNS))"
-    start_bg proxy "$out" env RUST_LOG=shardproxy=info "$BIN" run --listen "$VIP:$port" \
+    start_bg proxy "$out" "${PROXY_WRAP[@]}" "$ENV_BIN" RUST_LOG=shardproxy=info "$BIN" run --listen "$VIP:$port" \
         "${BACKEND_FLAGS[@]}" --admin "$admin" "$@"
     local pid=$STARTED_PID i
     wait_for_line "$out" "listening on" "$pid" || return 1
@@ -441,6 +441,8 @@ start_proxy() {
     return 1
 }
 DSR_FLAGS=()
+PROXY_WRAP=()                  # a command prefix for start_proxy (case 8)
+ENV_BIN=$(command -v env)      # by path: case 8 runs the proxy with an empty PATH
 PROXY_PID=""
 
 start_servers() {
@@ -779,6 +781,34 @@ case_two_proxies() {
 # ---------------------------------------------------------------------------------------------
 # Main
 
+# 8. Steering unavailable — no `nft` on the proxy's PATH, or no CAP_NET_ADMIN — the proxy
+#    still starts, and every connection that would be handed off is spliced intact and
+#    counted with the reason.
+case_no_steering() {
+    local bad=0 key sub port admin pid rc m path got n
+    key=$(keys_owned_by b1 4 | awk '{print $4}')
+    for sub in "nft_missing:env PATH=/nonexistent" \
+        "no_permission:setpriv --bounding-set=-net_admin --inh-caps=-net_admin"; do
+        local want=${sub%%:*} wrap=${sub#*:}
+        port=7005; admin=127.0.0.1:9095
+        read -r -a PROXY_WRAP <<<"$wrap"
+        start_proxy "$port" "$admin" "${DSR_FLAGS[@]}" || { PROXY_WRAP=(); log "$want: proxy did not start"; return 1; }
+        PROXY_WRAP=()
+        pid=$STARTED_PID
+        rc=0
+        dsr_client "$port" 30 echo "$key" || rc=$?
+        m=$(admin_scrape "$admin")
+        path=$(client_field "$key" path); got=$(client_field "$key" backend)
+        n=$(metric shardproxy_dsr_handoffs_total "result=\"$want\"" <<<"$m")
+        log "$wrap: backend $got, path $path, echo $([[ $rc == 0 ]] && echo verified || echo FAILED); handoffs_total{$want} = $n, ok = $(metric shardproxy_dsr_handoffs_total 'result="ok"' <<<"$m"); table $(table_exists $port && echo present || echo absent)"
+        [[ $rc == 0 ]] || { client_failed "$rc"; bad=1; }
+        [[ "$got" == b1 && "$path" == spliced && ${n%.*} == 1 ]] || bad=1
+        table_exists "$port" && bad=1
+        stop_ours "$pid" TERM
+    done
+    return "$bad"
+}
+
 main() {
     echo "shardproxy DSR netns tests (prefix $P)"
     if ! preflight; then fail "preflight"; summary; exit 1; fi
@@ -802,6 +832,7 @@ main() {
     run_case "5 without --dsr: spliced, no shardproxy_dsr_ series, no table" case_no_dsr
     run_case "6 table removed at exit; a crashed proxy's table replaced, then removed" case_table_lifecycle
     run_case "7 two --dsr proxies on one device: own hand-offs, own table cleanup" case_two_proxies
+    run_case "8 steering unavailable (no nft, no CAP_NET_ADMIN): spliced intact, by reason" case_no_steering
 
     if [[ $FAILED -gt 0 ]]; then
         local f
