@@ -196,3 +196,36 @@ fn rebuilt_socket_has_both_queues_and_carries_on() {
         at_client.len()
     );
 }
+
+#[test]
+#[ignore = "needs root: run by netns-tests/run.sh"]
+fn a_stripped_header_is_gone_from_the_rebuilt_socket_and_the_rest_follows() {
+    let timeout = Some(Duration::from_secs(10));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    client.set_read_timeout(timeout).unwrap();
+    client.write_all(b"\x00\x02k1first").unwrap();
+    let mut peeked = [0u8; 9];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.peek(&mut peeked).ok() != Some(9) {
+        assert!(Instant::now() < deadline, "request never arrived");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let mut state = freeze_and_dump(&server).unwrap();
+    // The proxy removes the key header (4 bytes) when the backend must not see it.
+    state.strip_front(4).unwrap();
+    assert!(matches!(
+        state.clone().strip_front(6),
+        Err(RepairError::Decode(_))
+    ));
+    let state = TcpState::decode(&state.encode().unwrap()).unwrap();
+    drop(server); // repair mode: silent; frees the 4-tuple
+    let mut rebuilt = rebuild(&state).unwrap();
+    rebuilt.set_nonblocking(false).unwrap();
+    rebuilt.set_read_timeout(timeout).unwrap();
+    client.write_all(b" second").unwrap();
+    assert_eq!(read_exactly(&mut rebuilt, 12), b"first second");
+    rebuilt.write_all(b"reply").unwrap();
+    assert_eq!(read_exactly(&mut client, 5), b"reply");
+}
