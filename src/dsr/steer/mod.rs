@@ -69,9 +69,11 @@
 //! `nft`; one line of 500 element adds took 18 ms (36 µs per element), so batching
 //! concurrent requests pays off under load.
 //!
-//! Not done yet: deleting the proxy's conntrack entry of a removed flow (docs/design.md §6,
-//! step 8). The `conntrack` tool is not installed by default, and forking it per flow is what
-//! this module avoids; the plan is a ctnetlink `IPCTNL_MSG_CT_DELETE` over a netlink socket.
+//! The proxy's conntrack entry of a removed flow is deleted elsewhere, over ctnetlink
+//! ([`crate::dsr::netlink`]), by the proxy's flow table ([`crate::dsr::handoff`]). The
+//! proxy freezes a socket with a socket filter ([`crate::dsr::repair::block_input`]), so the
+//! `frozen` set is not on its hot path; it stays for callers that must freeze a flow they do
+//! not hold a socket for, and `steer` still clears it.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
