@@ -44,7 +44,10 @@ use clap::Parser;
 
 /// Flags of `cargo bench --bench dsr -- [FLAGS]` (and of `scripts/bench-dsr.sh`).
 #[derive(Debug, Parser)]
-#[command(name = "dsr", about = "DSR benchmark: direct vs spliced vs DSR forward/handoff-socket")]
+#[command(
+    name = "dsr",
+    about = "DSR benchmark: direct vs spliced vs DSR forward/handoff-socket"
+)]
 struct Args {
     /// Namespace prefix: the namespaces `<NS>-client`, `<NS>-proxy`, `<NS>-b1` must exist,
     /// set up as `scripts/bench-dsr.sh` does.
@@ -384,7 +387,10 @@ fn children_cpu(pid: u32) -> f64 {
     };
     for task in dir.flatten() {
         let kids = fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        for kid in kids.split_whitespace().filter_map(|k| k.parse::<u32>().ok()) {
+        for kid in kids
+            .split_whitespace()
+            .filter_map(|k| k.parse::<u32>().ok())
+        {
             let c = cpu_s(kid);
             if c.is_finite() {
                 total += c;
@@ -530,7 +536,14 @@ struct Sample {
 struct Samples(Vec<Sample>);
 
 impl Samples {
-    fn add(&mut self, scenario: &'static str, target: Target, round: usize, metric: &'static str, value: f64) {
+    fn add(
+        &mut self,
+        scenario: &'static str,
+        target: Target,
+        round: usize,
+        metric: &'static str,
+        value: f64,
+    ) {
         self.0.push(Sample {
             scenario,
             target,
@@ -550,6 +563,16 @@ impl Samples {
 
     fn median(&self, scenario: &str, target: Target, metric: &str) -> f64 {
         median(self.values(scenario, target, metric))
+    }
+
+    /// Sum over the rounds; NaN if there is no sample (the metric does not apply).
+    fn total(&self, scenario: &str, target: Target, metric: &str) -> f64 {
+        let v = self.values(scenario, target, metric);
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v.iter().fold(0.0, |a, b| a + b)
+        }
     }
 }
 
@@ -624,7 +647,10 @@ fn run(args: &Args) -> Result<(), String> {
             .ok_or("cannot find the shardproxy binary; pass --shardproxy")?,
     };
     if !shardproxy.is_file() {
-        return Err(format!("{} is missing: cargo build --release", shardproxy.display()));
+        return Err(format!(
+            "{} is missing: cargo build --release",
+            shardproxy.display()
+        ));
     }
     let s = &args.subnet;
     let topo = Topo {
@@ -684,8 +710,18 @@ fn run_in(
         agent: BTreeMap::new(),
     };
     for (t, port, admin, delivery) in [
-        (Target::Forward, 7100, 9191, ["--forward".to_string(), s("127.0.0.1:9000")]),
-        (Target::Handoff, 7101, 9192, ["--handoff-socket".to_string(), sock.clone()]),
+        (
+            Target::Forward,
+            7100,
+            9191,
+            ["--forward".to_string(), s("127.0.0.1:9000")],
+        ),
+        (
+            Target::Handoff,
+            7101,
+            9192,
+            ["--handoff-socket".to_string(), sock.clone()],
+        ),
     ] {
         let mut a = vec![
             s("agent"),
@@ -780,7 +816,16 @@ fn run_in(
         let n = order.len();
         order.rotate_left(round % n);
         for &t in &order {
-            bulk(args, topo, &pids, t, round, bulk_bytes, &mut samples, &mut notes)?;
+            bulk(
+                args,
+                topo,
+                &pids,
+                t,
+                round,
+                bulk_bytes,
+                &mut samples,
+                &mut notes,
+            )?;
         }
         for &t in &order {
             latency(args, topo, t, round, &mut samples, &mut notes)?;
@@ -799,7 +844,8 @@ fn run_in(
         let m = topo.scrape(&topo.ns_b1, port)?;
         let mut line = format!("- {} agent:", t.name());
         for (n, l, v) in &m.0 {
-            if (n == "shardproxy_agent_handoffs_total" || n == "shardproxy_agent_control_errors_total")
+            if (n == "shardproxy_agent_handoffs_total"
+                || n == "shardproxy_agent_control_errors_total")
                 && *v != 0.0
             {
                 let _ = write!(line, " `{n}{{{l}}}` {v}");
@@ -833,7 +879,12 @@ fn run_in(
         notes: &notes,
         totals: totals_after
             .iter()
-            .map(|(t, m)| (*t, delta(m, totals_before.get(t).unwrap_or(&BTreeMap::new()))))
+            .map(|(t, m)| {
+                (
+                    *t,
+                    delta(m, totals_before.get(t).unwrap_or(&BTreeMap::new())),
+                )
+            })
             .collect(),
         agent_metrics,
     };
@@ -848,7 +899,11 @@ fn run_in(
 fn handoff_totals(topo: &Topo) -> Result<BTreeMap<Target, BTreeMap<String, f64>>, String> {
     let mut m = BTreeMap::new();
     for t in [Target::Forward, Target::Handoff] {
-        m.insert(t, topo.scrape(&topo.ns_proxy, admin_port(t).unwrap_or(0))?.handoffs());
+        m.insert(
+            t,
+            topo.scrape(&topo.ns_proxy, admin_port(t).unwrap_or(0))?
+                .handoffs(),
+        );
     }
     Ok(m)
 }
@@ -888,7 +943,12 @@ fn bulk(
     let a0 = pids.agent(t).map(cpu_s);
     let out = topo.role(
         &topo.ns_client,
-        &[s(roles::BULK), topo.addr(t), bytes.to_string(), format!("{deadline}")],
+        &[
+            s(roles::BULK),
+            topo.addr(t),
+            bytes.to_string(),
+            format!("{deadline}"),
+        ],
         Duration::from_secs_f64(deadline + 10.0),
     );
     let p1 = pids.proxy(t).map(cpu_s);
@@ -897,8 +957,16 @@ fn bulk(
     let out = match out {
         Ok(o) => o,
         Err(e) => {
-            notes.push(format!("bulk {} round {}: FAILED: {e}", t.name(), round + 1));
-            eprintln!("bench-dsr: bulk {} round {}: FAILED: {e}", t.name(), round + 1);
+            notes.push(format!(
+                "bulk {} round {}: FAILED: {e}",
+                t.name(),
+                round + 1
+            ));
+            eprintln!(
+                "bench-dsr: bulk {} round {}: FAILED: {e}",
+                t.name(),
+                round + 1
+            );
             return Ok(());
         }
     };
@@ -965,7 +1033,11 @@ fn latency(
     )?;
     let f = fields(out.lines().next().unwrap_or(""));
     if let Some(e) = out.lines().find_map(|l| l.strip_prefix("first_error ")) {
-        notes.push(format!("latency {} round {}: client errors, first: {e}", t.name(), round + 1));
+        notes.push(format!(
+            "latency {} round {}: client errors, first: {e}",
+            t.name(),
+            round + 1
+        ));
     }
     for (k, m) in [
         ("p50_us", "client_p50_us"),
@@ -974,7 +1046,13 @@ fn latency(
         ("errors", "client_errors"),
         ("ok", "conns"),
     ] {
-        samples.add("latency", t, round, m, f.get(k).copied().unwrap_or(f64::NAN));
+        samples.add(
+            "latency",
+            t,
+            round,
+            m,
+            f.get(k).copied().unwrap_or(f64::NAN),
+        );
     }
     let mut line = format!(
         "bench-dsr: round {} latency {:<18} client p50 {:.0} us p99 {:.0} us",
@@ -998,12 +1076,22 @@ fn latency(
         let p99 = histogram_quantile(&diff, 0.99) * 1e6;
         samples.add("latency", t, round, "handoff_p50_us", p50);
         samples.add("latency", t, round, "handoff_p99_us", p99);
-        samples.add("latency", t, round, "handoff_count", diff.last().map_or(0.0, |x| x.1));
+        samples.add(
+            "latency",
+            t,
+            round,
+            "handoff_count",
+            diff.last().map_or(0.0, |x| x.1),
+        );
         let d = delta(&after.handoffs(), &before.handoffs());
         let fallbacks: f64 = d.iter().filter(|(k, _)| *k != "ok").map(|(_, v)| v).sum();
         samples.add("latency", t, round, "fallbacks", fallbacks);
         if fallbacks > 0.0 {
-            notes.push(format!("latency {} round {}: hand-offs {d:?}", t.name(), round + 1));
+            notes.push(format!(
+                "latency {} round {}: hand-offs {d:?}",
+                t.name(),
+                round + 1
+            ));
         }
         let _ = write!(line, "; hand-off p50 {p50:.0} us p99 {p99:.0} us");
     }
@@ -1049,17 +1137,45 @@ fn cps(
     let after = topo.scrape(&topo.ns_proxy, port)?.handoffs();
     let f = fields(out.lines().next().unwrap_or(""));
     if let Some(e) = out.lines().find_map(|l| l.strip_prefix("first_error ")) {
-        notes.push(format!("cps {} round {}: client errors, first: {e}", t.name(), round + 1));
+        notes.push(format!(
+            "cps {} round {}: client errors, first: {e}",
+            t.name(),
+            round + 1
+        ));
     }
     let ok = f.get("ok").copied().unwrap_or(0.0);
     let client_wall = f.get("wall").copied().unwrap_or(f64::NAN);
     let rate = ok / client_wall;
     samples.add("cps", t, round, "conns_per_s", rate);
-    samples.add("cps", t, round, "client_errors", f.get("errors").copied().unwrap_or(f64::NAN));
-    samples.add("cps", t, round, "client_p50_us", f.get("p50_us").copied().unwrap_or(f64::NAN));
-    samples.add("cps", t, round, "client_p99_us", f.get("p99_us").copied().unwrap_or(f64::NAN));
+    samples.add(
+        "cps",
+        t,
+        round,
+        "client_errors",
+        f.get("errors").copied().unwrap_or(f64::NAN),
+    );
+    samples.add(
+        "cps",
+        t,
+        round,
+        "client_p50_us",
+        f.get("p50_us").copied().unwrap_or(f64::NAN),
+    );
+    samples.add(
+        "cps",
+        t,
+        round,
+        "client_p99_us",
+        f.get("p99_us").copied().unwrap_or(f64::NAN),
+    );
     samples.add("cps", t, round, "proxy_cpu_pct", (c1 - c0) / wall * 100.0);
-    samples.add("cps", t, round, "nft_cpu_pct", (kids1 - kids0) / wall * 100.0);
+    samples.add(
+        "cps",
+        t,
+        round,
+        "nft_cpu_pct",
+        (kids1 - kids0) / wall * 100.0,
+    );
     let mut busiest = (String::new(), 0.0);
     for (name, v) in &th1 {
         let d = v - th0.get(name).copied().unwrap_or(0.0);
@@ -1067,7 +1183,13 @@ fn cps(
             busiest = (name.clone(), d);
         }
     }
-    samples.add("cps", t, round, "busiest_thread_pct", busiest.1 / wall * 100.0);
+    samples.add(
+        "cps",
+        t,
+        round,
+        "busiest_thread_pct",
+        busiest.1 / wall * 100.0,
+    );
     let mut line = format!(
         "bench-dsr: round {} cps {:<18} {rate:7.0} conn/s, proxy CPU {:.0}% (busiest thread {} {:.0}%)",
         round + 1,
@@ -1083,7 +1205,11 @@ fn cps(
         samples.add("cps", t, round, "handoffs_ok_per_s", hok / client_wall);
         samples.add("cps", t, round, "fallbacks", fallbacks);
         if fallbacks > 0.0 {
-            notes.push(format!("cps {} round {}: hand-offs {d:?}", t.name(), round + 1));
+            notes.push(format!(
+                "cps {} round {}: hand-offs {d:?}",
+                t.name(),
+                round + 1
+            ));
         }
         let _ = write!(line, "; hand-offs {d:?}");
     }
@@ -1120,7 +1246,10 @@ fn fmt(v: f64, digits: usize) -> String {
 impl Report<'_> {
     fn all(&self, scenario: &str, t: Target, metric: &str, digits: usize) -> String {
         let v = self.samples.values(scenario, t, metric);
-        v.iter().map(|x| fmt(*x, digits)).collect::<Vec<_>>().join(", ")
+        v.iter()
+            .map(|x| fmt(*x, digits))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     fn markdown(&self) -> String {
@@ -1212,8 +1341,8 @@ impl Report<'_> {
                 fmt(sm.median("latency", t, "client_p99_us"), 0),
                 self.all("latency", t, "client_p99_us", 0),
                 fmt(sm.median("latency", t, "client_max_us"), 0),
-                fmt(sm.values("latency", t, "client_errors").iter().sum(), 0),
-                fmt(sm.values("latency", t, "fallbacks").iter().sum(), 0),
+                fmt(sm.total("latency", t, "client_errors"), 0),
+                fmt(sm.total("latency", t, "fallbacks"), 0),
             );
         }
         md.push_str(
@@ -1246,8 +1375,8 @@ impl Report<'_> {
                 fmt(sm.median("cps", t, "nft_cpu_pct"), 1),
                 fmt(sm.median("cps", t, "client_p50_us"), 0),
                 fmt(sm.median("cps", t, "client_p99_us"), 0),
-                fmt(sm.values("cps", t, "client_errors").iter().sum(), 0),
-                fmt(sm.values("cps", t, "fallbacks").iter().sum(), 0),
+                fmt(sm.total("cps", t, "client_errors"), 0),
+                fmt(sm.total("cps", t, "fallbacks"), 0),
             );
         }
         md.push_str(
@@ -1299,7 +1428,11 @@ impl Report<'_> {
 
         md.push_str("\n## Counters over the measured run\n\n");
         for (t, d) in &self.totals {
-            let _ = writeln!(md, "- {} proxy `shardproxy_dsr_handoffs_total` delta: {d:?}", t.name());
+            let _ = writeln!(
+                md,
+                "- {} proxy `shardproxy_dsr_handoffs_total` delta: {d:?}",
+                t.name()
+            );
         }
         md.push_str(&self.agent_metrics);
         if !self.notes.is_empty() {

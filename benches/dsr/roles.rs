@@ -189,7 +189,9 @@ fn serve(mut s: TcpStream) -> io::Result<()> {
         match fmt.parse(&head[..filled]) {
             Parse::Done { key, .. } => break String::from_utf8_lossy(key).into_owned(),
             Parse::Need(_) => {}
-            Parse::Error(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+            Parse::Error(e) => {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+            }
         }
         if filled == head.len() {
             return Err(io::Error::other("header too long"));
@@ -244,7 +246,10 @@ fn bulk(args: &[String]) -> io::Result<()> {
     let mut id = [0u8; 1];
     s.read_exact(&mut id)?;
     if id[0] != ID {
-        return Err(io::Error::other(format!("first byte {:#04x}, not the id", id[0])));
+        return Err(io::Error::other(format!(
+            "first byte {:#04x}, not the id",
+            id[0]
+        )));
     }
     let mut buf = vec![0u8; 256 * 1024];
     let mut got: u64 = 0;
@@ -275,7 +280,9 @@ fn bulk(args: &[String]) -> io::Result<()> {
     }
     let secs = t0.elapsed().as_secs_f64();
     if got != total {
-        return Err(io::Error::other(format!("EOF after {got} of {total} bytes")));
+        return Err(io::Error::other(format!(
+            "EOF after {got} of {total} bytes"
+        )));
     }
     println!("ok {got} {secs:.6}");
     Ok(())
@@ -308,8 +315,12 @@ fn short(args: &[String]) -> io::Result<()> {
     let hdr = header("first");
     let mut handles = Vec::new();
     for _ in 0..threads.max(1) {
-        let (started, errors, first_error, hdr) =
-            (started.clone(), errors.clone(), first_error.clone(), hdr.clone());
+        let (started, errors, first_error, hdr) = (
+            started.clone(),
+            errors.clone(),
+            first_error.clone(),
+            hdr.clone(),
+        );
         handles.push(std::thread::spawn(move || {
             let mut lat = Vec::new();
             loop {
@@ -333,7 +344,10 @@ fn short(args: &[String]) -> io::Result<()> {
     }
     let mut lat: Vec<u64> = Vec::new();
     for h in handles {
-        lat.extend(h.join().map_err(|_| io::Error::other("client thread panicked"))?);
+        lat.extend(
+            h.join()
+                .map_err(|_| io::Error::other("client thread panicked"))?,
+        );
     }
     let wall = t0.elapsed().as_secs_f64();
     lat.sort_unstable();
@@ -352,7 +366,11 @@ fn short(args: &[String]) -> io::Result<()> {
         q(0.99),
         q(1.0)
     );
-    if let Some(e) = first_error.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+    if let Some(e) = first_error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+    {
         println!("first_error {e}");
     }
     Ok(())
@@ -391,8 +409,8 @@ fn scrape(args: &[String]) -> io::Result<()> {
     let (head, body) = resp
         .split_once("\r\n\r\n")
         .ok_or_else(|| io::Error::other("no HTTP header end"))?;
-    if !head.starts_with("HTTP/1.") || !head.split_whitespace().nth(1).is_some_and(|c| c == "200")
-    {
+    let ok = head.starts_with("HTTP/1.") && head.split_whitespace().nth(1) == Some("200");
+    if !ok {
         return Err(io::Error::other(format!(
             "bad response: {}",
             head.lines().next().unwrap_or("")
