@@ -72,6 +72,14 @@ struct Args {
     /// Sequential short connections per target and round in the latency scenario.
     #[arg(long, default_value_t = 2000)]
     short_conns: u64,
+    /// Short connections per DSR target and round with a pause after each (see
+    /// --isolated-gap-ms): the hand-off on its own, not queued behind the previous flow's
+    /// removal (0 to skip).
+    #[arg(long, default_value_t = 50)]
+    isolated_conns: u64,
+    /// The pause after each of those connections, milliseconds.
+    #[arg(long, default_value_t = 100)]
+    isolated_gap_ms: u64,
     /// Length of the cps window, seconds.
     #[arg(long, default_value_t = 5.0)]
     cps_secs: f64,
@@ -1014,6 +1022,43 @@ fn latency(
     samples: &mut Samples,
     notes: &mut Vec<String>,
 ) -> Result<(), String> {
+    sequential(
+        args.short_conns,
+        0,
+        "latency",
+        topo,
+        t,
+        round,
+        samples,
+        notes,
+    )?;
+    if t.is_dsr() && args.isolated_conns > 0 {
+        sequential(
+            args.isolated_conns,
+            args.isolated_gap_ms,
+            "isolated",
+            topo,
+            t,
+            round,
+            samples,
+            notes,
+        )?;
+    }
+    Ok(())
+}
+
+/// `conns` sequential short connections with `gap_ms` after each, recorded as `scenario`.
+#[allow(clippy::too_many_arguments)]
+fn sequential(
+    conns: u64,
+    gap_ms: u64,
+    scenario: &'static str,
+    topo: &Topo,
+    t: Target,
+    round: usize,
+    samples: &mut Samples,
+    notes: &mut Vec<String>,
+) -> Result<(), String> {
     let s = |x: &str| x.to_string();
     let port = admin_port(t);
     let before = match (t.is_dsr(), port) {
@@ -1026,8 +1071,9 @@ fn latency(
             s(roles::SHORT),
             topo.addr(t),
             s("1"),
-            args.short_conns.to_string(),
+            conns.to_string(),
             s("120"),
+            gap_ms.to_string(),
         ],
         Duration::from_secs(130),
     )?;
@@ -1046,16 +1092,10 @@ fn latency(
         ("errors", "client_errors"),
         ("ok", "conns"),
     ] {
-        samples.add(
-            "latency",
-            t,
-            round,
-            m,
-            f.get(k).copied().unwrap_or(f64::NAN),
-        );
+        samples.add(scenario, t, round, m, f.get(k).copied().unwrap_or(f64::NAN));
     }
     let mut line = format!(
-        "bench-dsr: round {} latency {:<18} client p50 {:.0} us p99 {:.0} us",
+        "bench-dsr: round {} {scenario:<8} {:<18} client p50 {:.0} us p99 {:.0} us",
         round + 1,
         t.name(),
         f.get("p50_us").copied().unwrap_or(f64::NAN),
@@ -1074,10 +1114,10 @@ fn latency(
             .collect();
         let p50 = histogram_quantile(&diff, 0.5) * 1e6;
         let p99 = histogram_quantile(&diff, 0.99) * 1e6;
-        samples.add("latency", t, round, "handoff_p50_us", p50);
-        samples.add("latency", t, round, "handoff_p99_us", p99);
+        samples.add(scenario, t, round, "handoff_p50_us", p50);
+        samples.add(scenario, t, round, "handoff_p99_us", p99);
         samples.add(
-            "latency",
+            scenario,
             t,
             round,
             "handoff_count",
@@ -1085,7 +1125,7 @@ fn latency(
         );
         let d = delta(&after.handoffs(), &before.handoffs());
         let fallbacks: f64 = d.iter().filter(|(k, _)| *k != "ok").map(|(_, v)| v).sum();
-        samples.add("latency", t, round, "fallbacks", fallbacks);
+        samples.add(scenario, t, round, "fallbacks", fallbacks);
         if fallbacks > 0.0 {
             notes.push(format!(
                 "latency {} round {}: hand-offs {d:?}",
@@ -1263,7 +1303,7 @@ impl Report<'_> {
             md,
             "Commit {}, kernel {}, {cores} cores, load average {} before / {} after, {:.0} s in all. \
              Reproduce: `sudo scripts/bench-dsr.sh --rounds {} --bulk-mib {} --short-conns {} \
-             --cps-secs {} --cps-clients {}`.\n",
+             --isolated-conns {} --isolated-gap-ms {} --cps-secs {} --cps-clients {}`.\n",
             git_commit(),
             kernel.trim(),
             self.load_before,
@@ -1272,6 +1312,8 @@ impl Report<'_> {
             a.rounds,
             a.bulk_mib,
             a.short_conns,
+            a.isolated_conns,
+            a.isolated_gap_ms,
             a.cps_secs,
             a.cps_clients
         );
@@ -1345,8 +1387,30 @@ impl Report<'_> {
                 fmt(sm.total("latency", t, "fallbacks"), 0),
             );
         }
+        if a.isolated_conns > 0 {
+            for t in [Target::Forward, Target::Handoff] {
+                let _ = writeln!(
+                    md,
+                    "| {} isolated ({} conns, {} ms apart) | {} | {} [{}] | {} | {} [{}] | {} | {} | {} |",
+                    t.name(),
+                    a.isolated_conns,
+                    a.isolated_gap_ms,
+                    fmt(sm.median("isolated", t, "handoff_p50_us"), 0),
+                    fmt(sm.median("isolated", t, "handoff_p99_us"), 0),
+                    self.all("isolated", t, "handoff_p99_us", 0),
+                    fmt(sm.median("isolated", t, "client_p50_us"), 0),
+                    fmt(sm.median("isolated", t, "client_p99_us"), 0),
+                    self.all("isolated", t, "client_p99_us", 0),
+                    fmt(sm.median("isolated", t, "client_max_us"), 0),
+                    fmt(sm.total("isolated", t, "client_errors"), 0),
+                    fmt(sm.total("isolated", t, "fallbacks"), 0),
+                );
+            }
+        }
         md.push_str(
-            "\nHand-off: the proxy's `shardproxy_dsr_handoff_duration_seconds` (freeze → steer), \
+            "\nIsolated rows: the same connections with a pause after each, so a hand-off does \
+             not queue behind the previous flow's removal in the proxy's steering helper. \
+             Hand-off: the proxy's `shardproxy_dsr_handoff_duration_seconds` (freeze → steer), \
              the delta of the histogram over each round's connections, linearly interpolated \
              inside its bucket. Client: connect() → the application's first byte, which \
              includes the handshake, the header, the whole hand-off and the delivery.\n\n",

@@ -13,6 +13,9 @@
 #   --rounds N          rounds, medians reported (default 3)
 #   --bulk-mib N        download size of the one-connection scenario (default 1024)
 #   --short-conns N     sequential short connections per target and round (default 2000)
+#   --isolated-conns N  short connections per DSR target and round with a pause after each
+#                       (default 50; 0 skips): the hand-off on its own
+#   --isolated-gap-ms M that pause (default 100)
 #   --cps-secs S        window of the concurrent short-connection scenario (default 5)
 #   --cps-clients N     concurrent clients in it (default 16)
 #   --out DIR           results folder (default bench-results)

@@ -299,14 +299,19 @@ fn check(offset: u64, b: u8) -> io::Result<()> {
     }
 }
 
-/// `__short ADDR THREADS COUNT SECONDS`: COUNT connections in all (COUNT > 0) or as many as
-/// fit in SECONDS. Prints `ok N errors E wall S p50_us P p99_us P max_us M` and, if any
+/// `__short ADDR THREADS COUNT SECONDS [GAP_MS]`: COUNT connections in all (COUNT > 0) or as
+/// many as fit in SECONDS, each thread pausing GAP_MS (default 0) after each connection. Prints `ok N errors E wall S p50_us P p99_us P max_us M` and, if any
 /// failed, the first error on a second line.
 fn short(args: &[String]) -> io::Result<()> {
     let addr: SocketAddr = arg(args, 0, "address")?;
     let threads: usize = arg(args, 1, "threads")?;
     let count: u64 = arg(args, 2, "count")?;
     let secs: f64 = arg(args, 3, "seconds")?;
+    let gap = Duration::from_millis(if args.len() > 4 {
+        arg(args, 4, "gap ms")?
+    } else {
+        0
+    });
     let started = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let first_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
@@ -329,7 +334,10 @@ fn short(args: &[String]) -> io::Result<()> {
                     break;
                 }
                 match one_short(&addr, &hdr) {
-                    Ok(d) => lat.push(d.as_nanos() as u64),
+                    Ok(d) => {
+                        lat.push(d.as_nanos() as u64);
+                        std::thread::sleep(gap);
+                    }
                     Err(e) => {
                         errors.fetch_add(1, Ordering::SeqCst);
                         let mut f = first_error.lock().unwrap_or_else(|p| p.into_inner());
