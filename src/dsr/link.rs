@@ -88,6 +88,9 @@ pub struct ClosedReport {
 
 type Answer = oneshot::Sender<Result<(), LinkError>>;
 
+/// Until when a link stays down after a failure, and the failure.
+type DownUntil = Mutex<Option<(Instant, LinkError)>>;
+
 enum Request {
     /// Send a hand-off and answer when the agent does.
     Handoff(Message, u64, Answer),
@@ -103,7 +106,7 @@ pub struct AgentLink {
     tx: mpsc::UnboundedSender<Request>,
     up: Arc<AtomicBool>,
     /// Until when the link stays down after a failure (no connect attempts before).
-    down_until: Arc<Mutex<Option<(Instant, LinkError)>>>,
+    down_until: Arc<DownUntil>,
 }
 
 impl AgentLink {
@@ -180,11 +183,7 @@ impl AgentLink {
     }
 
     fn paused(&self) -> Option<LinkError> {
-        let guard = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
-        match &*guard {
-            Some((until, e)) if Instant::now() < *until => Some(e.clone()),
-            _ => None,
-        }
+        paused(&self.down_until)
     }
 
     async fn request(
@@ -206,7 +205,7 @@ struct LinkTask {
     connect_timeout: Duration,
     closed: mpsc::UnboundedSender<ClosedReport>,
     up: Arc<AtomicBool>,
-    down_until: Arc<Mutex<Option<(Instant, LinkError)>>>,
+    down_until: Arc<DownUntil>,
     /// Hand-offs sent and not yet answered.
     pending: HashMap<u64, Answer>,
 }
@@ -297,11 +296,7 @@ impl LinkTask {
     }
 
     fn paused(&self) -> Option<LinkError> {
-        let guard = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
-        match &*guard {
-            Some((until, e)) if Instant::now() < *until => Some(e.clone()),
-            _ => None,
-        }
+        paused(&self.down_until)
     }
 
     fn set_down(&self, e: LinkError) {
@@ -436,6 +431,15 @@ impl LinkTask {
                 "agent sent {other:?}, which only a proxy sends"
             ))),
         }
+    }
+}
+
+/// The error a link in its retry pause answers with, if it is in one.
+fn paused(down_until: &DownUntil) -> Option<LinkError> {
+    let guard = down_until.lock().unwrap_or_else(|p| p.into_inner());
+    match &*guard {
+        Some((until, e)) if Instant::now() < *until => Some(e.clone()),
+        _ => None,
     }
 }
 
