@@ -71,8 +71,9 @@ pub const DSR_HANDOFFS: &str = "shardproxy_dsr_handoffs_total";
 pub const DSR_HANDOFF_SECONDS: &str = "shardproxy_dsr_handoff_duration_seconds";
 /// Handed-off flows not yet reported closed.
 pub const DSR_FLOWS_ACTIVE: &str = "shardproxy_dsr_flows_active";
-/// Handed-off flows ended, by `reason` (`closed`: the agent reported it; `expired`: its
-/// agent stayed away for the flow timeout).
+/// Handed-off flows ended, by `reason` (`closed`: the agent reported it; `gone`: the agent
+/// no longer held it when asked, its report lost; `expired`: its agent stayed away for the
+/// flow timeout).
 pub const DSR_FLOWS_ENDED: &str = "shardproxy_dsr_flows_ended_total";
 /// Bytes of handed-off flows as their agents reported them, by `direction`.
 pub const DSR_BYTES: &str = "shardproxy_dsr_bytes_total";
@@ -306,6 +307,7 @@ impl Metrics {
             active: r.register_gauge(&key(DSR_FLOWS_ACTIVE, &[]), &METADATA),
             closed: counter(DSR_FLOWS_ENDED, &[("reason", "closed")]),
             expired: counter(DSR_FLOWS_ENDED, &[("reason", "expired")]),
+            gone: counter(DSR_FLOWS_ENDED, &[("reason", "gone")]),
             from_client: counter(DSR_BYTES, &[("direction", "client_to_backend")]),
             to_client: counter(DSR_BYTES, &[("direction", "backend_to_client")]),
         }
@@ -376,6 +378,7 @@ pub struct DsrMetrics {
     active: Gauge,
     closed: Counter,
     expired: Counter,
+    gone: Counter,
     from_client: Counter,
     to_client: Counter,
 }
@@ -410,6 +413,11 @@ impl DsrMetrics {
     /// Counts a flow forgotten after its agent stayed away for the flow timeout.
     pub fn flow_expired(&self) {
         self.expired.increment(1);
+    }
+
+    /// Counts a flow forgotten because its agent no longer held it when asked.
+    pub fn flow_gone(&self) {
+        self.gone.increment(1);
     }
 }
 
@@ -559,7 +567,7 @@ fn describe(r: &PrometheusRecorder) {
         d(
             DSR_FLOWS_ENDED,
             None,
-            "Handed-off flows ended: closed (reported by the agent) or expired.",
+            "Handed-off flows ended: closed (reported by the agent), gone (not held by the agent when asked) or expired.",
         ),
         d(
             DSR_BYTES,

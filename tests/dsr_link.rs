@@ -237,3 +237,34 @@ async fn a_dead_agent_is_unreachable_and_a_lost_one_fails_its_handoffs() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn a_query_returns_the_agents_answer_and_needs_the_link_up() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (link, _closed) = start_link(l.local_addr().unwrap());
+    let c1: std::net::SocketAddrV4 = "10.0.0.1:40001".parse().unwrap();
+    let c2: std::net::SocketAddrV4 = "10.0.0.2:40002".parse().unwrap();
+    assert!(
+        link.query(7000, vec![(1, c1)]).await.is_err(),
+        "asked while down"
+    );
+    let agent = tokio::spawn(async move {
+        let (mut s, a) = accept_agent(&l, SECRET).await;
+        let q = recv(&mut s, &a).await;
+        assert_eq!(
+            q,
+            Message::Query {
+                port: 7000,
+                flows: vec![(1, c1), (2, c2)]
+            }
+        );
+        write_message(&mut s, &a, &Message::Alive { ids: vec![2] })
+            .await
+            .unwrap();
+        s
+    });
+    link.ready().await.unwrap();
+    let alive = link.query(7000, vec![(1, c1), (2, c2)]).await.unwrap();
+    assert_eq!(alive, vec![2]);
+    let _keep = agent.await.unwrap();
+}

@@ -130,6 +130,24 @@ async fn an_authentic_handoff_is_rebuilt_and_relayed_after_steered() {
         .await
         .unwrap();
 
+    // Asked which flows it holds, the agent names this one and not an unknown one.
+    let client_addr = match client.local_addr().unwrap() {
+        SocketAddr::V4(a) => a,
+        other => panic!("{other}"),
+    };
+    let vip_port = client.peer_addr().unwrap().port();
+    let other: std::net::SocketAddrV4 = "127.0.0.1:1".parse().unwrap();
+    let query = Message::Query {
+        port: vip_port,
+        flows: vec![(7, client_addr), (8, other)],
+    };
+    write_message(&mut control, &auth, &query).await.unwrap();
+    let alive = timeout(Duration::from_secs(5), read_message(&mut control, &auth))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(alive, Message::Alive { ids: vec![7] });
+
     // The application greets, then echoes what the client had sent before the hand-off and
     // what it sends now, on the same connection.
     client.write_all(b" world").await.unwrap();
@@ -167,6 +185,13 @@ async fn an_authentic_handoff_is_rebuilt_and_relayed_after_steered() {
         ),
         1.0
     );
+    // Closed now: no longer held (the kernel may keep it in TIME_WAIT, which does not count).
+    write_message(&mut control, &auth, &query).await.unwrap();
+    let alive = timeout(Duration::from_secs(5), read_message(&mut control, &auth))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(alive, Message::Alive { ids: vec![] });
 }
 
 #[tokio::test]

@@ -21,12 +21,13 @@
 //! word. Each outcome is counted in `shardproxy_dsr_handoffs_total{result}`.
 //!
 //! Flows: every handed-off flow is kept (client, agent) until its agent reports `Closed`;
-//! then its steering entry and the proxy host's conntrack entry are removed. While the
-//! agent's link is up the proxy renews the flow's steering entry every third of the flow
-//! timeout; a flow whose agent stays away longer than that expires (its entry by nftables
-//! element timeout, its record here).
+//! then its steering entry and the proxy host's conntrack entry are removed. Every third of
+//! the flow timeout the proxy asks each agent whose link is up which of its flows it still
+//! holds, renews those and forgets the others (a `Closed` lost with a broken control
+//! connection); a flow whose agent stays away for a whole flow timeout expires (its entry by
+//! nftables element timeout, its record here).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,7 +40,7 @@ use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::control::{now_ms, Auth, Limits, Message, Role, Secret};
+use super::control::{now_ms, Auth, Limits, Message, Role, Secret, MAX_IDS};
 use super::link::{AgentLink, ClosedReport, LinkError};
 use super::repair::{self, RepairError};
 use super::steer::{table_name, SteerConfig, SteerError, Steering, MAX_BATCH};
@@ -143,6 +144,9 @@ impl HandoffResult {
         }
     }
 }
+
+/// Time an agent has to answer a flow query.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A handed-off flow, until its agent reports it closed.
 #[derive(Debug, Clone, Copy)]
@@ -412,42 +416,81 @@ impl Dsr {
         }
     }
 
-    /// Renews the entries of flows whose agent is up; forgets flows not renewed for a whole
-    /// flow timeout (their entries have expired in nftables).
+    /// Reconciles the flow table with the agents, every third of the flow timeout: for each
+    /// agent that has flows, (re)connects its link if needed, asks which of its flows it
+    /// still holds (`Query`/`Alive`; the agent asks the kernel, so the answer survives an
+    /// agent restart), renews those and forgets the rest (a `Closed` lost with a broken
+    /// control connection cannot keep a flow steered forever). Flows of an agent that cannot
+    /// be reached are left to expire: after a whole flow timeout without renewal they are
+    /// forgotten here too.
     async fn renew(&self) {
         let Ok(steering) = &self.steering else {
             return;
         };
         let now = Instant::now();
-        let timeout = self.config.flow_timeout;
-        let (mut renew, mut expired) = (Vec::new(), Vec::new());
-        {
-            let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
-            let flows = self.flows.lock().unwrap_or_else(|p| p.into_inner());
-            for (id, f) in flows.iter() {
-                if links.get(&f.agent).is_some_and(|l| l.is_up()) {
-                    renew.push((*id, f.client));
-                } else if now.duration_since(f.renewed) >= timeout {
-                    expired.push(*id);
-                }
-            }
+        let timeout_all = self.config.flow_timeout;
+        let mut by_agent: HashMap<SocketAddr, Vec<(u64, SocketAddrV4)>> = HashMap::new();
+        for (id, f) in self.flows.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            by_agent.entry(f.agent).or_default().push((*id, f.client));
         }
-        for gone in join_all(expired.into_iter().map(|id| self.forget(id))).await {
-            if gone.is_some() {
-                self.metrics.flow_expired();
-            }
-        }
-        // Issued together, so the steering worker joins them into batches.
-        let results = join_all(renew.iter().map(|(_, c)| steering.refresh(*c))).await;
-        let mut flows = self.flows.lock().unwrap_or_else(|p| p.into_inner());
-        for ((id, client), r) in renew.into_iter().zip(results) {
-            match r {
-                Ok(()) => {
-                    if let Some(f) = flows.get_mut(&id) {
-                        f.renewed = now;
+        for (agent, flows) in by_agent {
+            let link = self.link(agent);
+            if link.ready().await.is_err() {
+                // Unreachable: its flows expire once not renewed for a whole flow timeout.
+                let stale: Vec<u64> = {
+                    let table = self.flows.lock().unwrap_or_else(|p| p.into_inner());
+                    flows
+                        .iter()
+                        .filter(|(id, _)| {
+                            table
+                                .get(id)
+                                .is_some_and(|f| now.duration_since(f.renewed) >= timeout_all)
+                        })
+                        .map(|(id, _)| *id)
+                        .collect()
+                };
+                for gone in join_all(stale.into_iter().map(|id| self.forget(id))).await {
+                    if gone.is_some() {
+                        self.metrics.flow_expired();
                     }
                 }
-                Err(e) => warn!(client = %client, error = %e, "cannot renew a flow's steering"),
+                continue;
+            }
+            let mut alive = HashSet::new();
+            let mut answered = true;
+            for part in flows.chunks(MAX_IDS) {
+                match timeout(QUERY_TIMEOUT, link.query(self.vip.port(), part.to_vec())).await {
+                    Ok(Ok(ids)) => alive.extend(ids),
+                    _ => {
+                        answered = false;
+                        break;
+                    }
+                }
+            }
+            if !answered {
+                // Asked again next period; meanwhile the entries keep their timeout.
+                debug!(agent = %agent, "no answer to a flow query");
+                continue;
+            }
+            let (live, gone): (Vec<_>, Vec<_>) =
+                flows.into_iter().partition(|(id, _)| alive.contains(id));
+            let forgotten = join_all(gone.iter().map(|(id, _)| self.forget(*id))).await;
+            for flow in forgotten.into_iter().flatten() {
+                debug!(client = %flow.client, agent = %agent, "the agent no longer holds a flow: forgotten");
+                self.metrics.flow_gone();
+            }
+            // Issued together, so the steering worker joins them into batches.
+            let results = join_all(live.iter().map(|(_, c)| steering.refresh(*c))).await;
+            let mut table = self.flows.lock().unwrap_or_else(|p| p.into_inner());
+            for ((id, client), r) in live.into_iter().zip(results) {
+                match r {
+                    Ok(()) => {
+                        if let Some(f) = table.get_mut(&id) {
+                            f.renewed = now;
+                        }
+                    }
+                    Err(e) => warn!(client = %client, error = %e, "cannot renew a flow's steering"),
+                }
             }
         }
     }

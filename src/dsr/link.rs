@@ -14,7 +14,7 @@
 //! `Abort`, so the agent never keeps a socket nobody steers to it.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -98,7 +98,11 @@ enum Request {
     Notify(Message, Option<Answer>),
     /// Connect (if not connected) and answer when the link is up or failed.
     Ready(Answer),
+    /// Ask which of these hand-offs (id, client) at the VIP's port the agent still holds.
+    Query(u16, Vec<(u64, SocketAddrV4)>, QueryAnswer),
 }
+
+type QueryAnswer = oneshot::Sender<Result<Vec<u64>, LinkError>>;
 
 /// The proxy's link to one agent; cheap to share (`Arc`).
 pub struct AgentLink {
@@ -134,6 +138,7 @@ impl AgentLink {
             up: link.up.clone(),
             down_until: link.down_until.clone(),
             pending: HashMap::new(),
+            query: None,
         };
         tokio::spawn(task.run(rx, stop));
         link
@@ -177,6 +182,25 @@ impl AgentLink {
         self.request(Request::Notify(msg, Some(answer)), rx).await
     }
 
+    /// Asks which of `flows` (hand-off id, client) at the VIP's `port` the agent still holds
+    /// (its `Alive` answer: the ids). Only while the link is up: a link that is down answers
+    /// with an error without connecting.
+    pub async fn query(
+        &self,
+        port: u16,
+        flows: Vec<(u64, SocketAddrV4)>,
+    ) -> Result<Vec<u64>, LinkError> {
+        if !self.is_up() {
+            return Err(LinkError::Lost("link down".into()));
+        }
+        let (answer, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Query(port, flows, answer))
+            .map_err(|_| LinkError::Lost("link stopped".into()))?;
+        rx.await
+            .unwrap_or_else(|_| Err(LinkError::Lost("link stopped".into())))
+    }
+
     /// Sends `msg` without waiting (best effort).
     pub fn notify_later(&self, msg: Message) {
         let _ = self.tx.send(Request::Notify(msg, None));
@@ -208,6 +232,8 @@ struct LinkTask {
     down_until: Arc<DownUntil>,
     /// Hand-offs sent and not yet answered.
     pending: HashMap<u64, Answer>,
+    /// The `Query` waiting for its `Alive` (one at a time).
+    query: Option<QueryAnswer>,
 }
 
 /// What the reader half passes to the link task.
@@ -289,6 +315,9 @@ impl LinkTask {
             for (_, answer) in self.pending.drain() {
                 let _ = answer.send(Err(why.clone()));
             }
+            if let Some(q) = self.query.take() {
+                let _ = q.send(Err(why.clone()));
+            }
             if stop.is_cancelled() {
                 return;
             }
@@ -369,6 +398,14 @@ impl LinkTask {
                     }
                 }
             }
+            Request::Query(port, flows, answer) => {
+                if let Some(old) = self.query.replace(answer) {
+                    let _ = old.send(Err(LinkError::Lost("superseded by a newer query".into())));
+                }
+                write_message(writer, &self.auth, &Message::Query { port, flows })
+                    .await
+                    .map_err(|e| LinkError::Lost(e.to_string()))
+            }
             Request::Notify(msg, answer) => {
                 let r = write_message(writer, &self.auth, &msg)
                     .await
@@ -405,6 +442,12 @@ impl LinkTask {
                             .await
                             .map_err(|e| LinkError::Lost(e.to_string()))?;
                     }
+                }
+                Ok(())
+            }
+            Message::Alive { ids } => {
+                if let Some(q) = self.query.take() {
+                    let _ = q.send(Ok(ids));
                 }
                 Ok(())
             }
@@ -452,6 +495,9 @@ fn fail(req: Request, e: LinkError) {
             let _ = answer.send(Err(e));
         }
         Request::Notify(_, None) => {}
+        Request::Query(_, _, answer) => {
+            let _ = answer.send(Err(e));
+        }
     }
 }
 

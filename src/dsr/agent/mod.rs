@@ -11,7 +11,9 @@
 //!   (only now may it see a byte) and watch it until it ends, then report `Closed`;
 //! - `Abort`, no `Steered` within `--steer-timeout`, or the control connection closing first
 //!   → discard the rebuilt socket in repair mode, so the client is sent nothing (the proxy
-//!   kept or will keep the connection).
+//!   kept or will keep the connection);
+//! - `Query` → `Alive` with those of the ids that this agent still holds for that proxy
+//!   (by its address: a reconnected proxy finds the flows of its earlier connections).
 //!
 //! Any frame that fails authentication or decoding, a message only an agent sends, or a
 //! connection silent for [`CONTROL_IDLE`] closes that control connection (counted by reason)
@@ -27,8 +29,8 @@
 mod deliver;
 pub mod metrics;
 
-use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -43,6 +45,7 @@ use tracing::{debug, info, warn};
 use self::deliver::{Delivery, Imported};
 use self::metrics::{AgentMetrics, AgentResult};
 use super::control::{read_message, write_message, Auth, Limits, Message, Role, Secret};
+use super::netlink::SockDiag;
 use crate::metrics::ActiveGuard;
 
 /// A control connection silent this long is closed (proxies ping every 5 s).
@@ -169,6 +172,21 @@ struct Ctx {
     auth: Auth,
     metrics: AgentMetrics,
     delivery: Delivery,
+    /// Every hand-off this agent holds (rebuilt, then delivered, until it ends), by the
+    /// proxy's address and its id: what a `Query` is answered from. A proxy that reconnects
+    /// (from the same address) finds its flows here.
+    held: Mutex<HashSet<(IpAddr, u64)>>,
+}
+
+impl Ctx {
+    fn hold(&self, proxy: IpAddr, id: u64, held: bool) {
+        let mut set = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held {
+            set.insert((proxy, id));
+        } else {
+            set.remove(&(proxy, id));
+        }
+    }
 }
 
 /// Starts the agent on the current runtime.
@@ -209,6 +227,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         metrics: metrics.clone(),
         delivery,
         config,
+        held: Mutex::new(HashSet::new()),
     });
     let mut tasks = vec![tokio::spawn(accept_loop(listener, ctx, stop.clone()))];
     if let Some(l) = admin {
@@ -301,7 +320,14 @@ async fn serve_control(stream: TcpStream, peer: SocketAddr, ctx: &Arc<Ctx>) {
             Message::Pong => {}
             Message::Handoff { id, state, .. } => {
                 let (ctx, out, pending) = (ctx.clone(), out.clone(), pending.clone());
-                tokio::spawn(async move { import(ctx, id, state, out, pending).await });
+                tokio::spawn(async move { import(ctx, peer.ip(), id, state, out, pending).await });
+            }
+            Message::Query { port, flows } => {
+                let (ctx, out) = (ctx.clone(), out.clone());
+                tokio::spawn(async move {
+                    let ids = still_held(&ctx, peer.ip(), port, flows).await;
+                    let _ = out.send(Message::Alive { ids });
+                });
             }
             Message::Steered { id } => {
                 let taken = pending
@@ -313,6 +339,7 @@ async fn serve_control(stream: TcpStream, peer: SocketAddr, ctx: &Arc<Ctx>) {
                         let (ctx, out) = (ctx.clone(), out.clone());
                         tokio::spawn(async move {
                             let report = ctx.delivery.deliver(imported).await;
+                            ctx.hold(peer.ip(), id, false);
                             if let Some((from, to)) = report {
                                 let _ = out.send(Message::Closed {
                                     id,
@@ -332,6 +359,7 @@ async fn serve_control(stream: TcpStream, peer: SocketAddr, ctx: &Arc<Ctx>) {
                     .remove(&id);
                 if let Some(imported) = taken {
                     imported.discard();
+                    ctx.hold(peer.ip(), id, false);
                     ctx.metrics.result(AgentResult::Aborted);
                 }
             }
@@ -347,14 +375,14 @@ async fn serve_control(stream: TcpStream, peer: SocketAddr, ctx: &Arc<Ctx>) {
     }
     // Hand-offs announced on this connection and never steered: the proxy that asked is
     // gone or will keep the connection, so nothing may reach the client from here.
-    let left: Vec<Imported> = pending
+    let left: Vec<(u64, Imported)> = pending
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .drain()
-        .map(|(_, i)| i)
         .collect();
-    for imported in left {
+    for (id, imported) in left {
         imported.discard();
+        ctx.hold(peer.ip(), id, false);
         ctx.metrics.result(AgentResult::Aborted);
     }
     // The connection closes now; reports of flows delivered over it are lost with it (their
@@ -363,10 +391,59 @@ async fn serve_control(stream: TcpStream, peer: SocketAddr, ctx: &Arc<Ctx>) {
     writer_task.abort();
 }
 
+/// The ids among `flows` this agent still holds for `proxy`: rebuilt and waiting for
+/// `Steered`, or a connection at VIP:`port` ↔ client that the kernel still has (not in
+/// TIME_WAIT) — asked of the kernel, so the answer survives an agent restart (the
+/// application keeps `--handoff-socket` connections).
+async fn still_held(
+    ctx: &Ctx,
+    proxy: IpAddr,
+    port: u16,
+    flows: Vec<(u64, SocketAddrV4)>,
+) -> Vec<u64> {
+    let (held, unknown): (Vec<_>, Vec<_>) = {
+        let held = ctx.held.lock().unwrap_or_else(|p| p.into_inner());
+        flows
+            .into_iter()
+            .partition(|(id, _)| held.contains(&(proxy, *id)))
+    };
+    let mut ids: Vec<u64> = held.into_iter().map(|(id, _)| id).collect();
+    if unknown.is_empty() {
+        return ids;
+    }
+    let local = SocketAddrV4::new(ctx.config.vip, port);
+    let asked: Vec<u64> = unknown.iter().map(|(id, _)| *id).collect();
+    let live = tokio::task::spawn_blocking(move || {
+        let mut diag = SockDiag::open()?;
+        let live = diag.sockets_at(local)?;
+        Ok::<_, std::io::Error>(
+            unknown
+                .into_iter()
+                .filter(|(_, client)| live.contains_key(client))
+                .map(|(id, _)| id)
+                .collect::<Vec<_>>(),
+        )
+    })
+    .await;
+    match live {
+        Ok(Ok(more)) => ids.extend(more),
+        // Without the kernel's answer, claim them alive: a wrong "gone" would cut live
+        // connections, a wrong "alive" keeps a steering entry one period longer.
+        other => {
+            if let Ok(Err(e)) = other {
+                warn!(error = %e, "sock_diag failed while answering a flow query");
+            }
+            ids.extend(asked);
+        }
+    }
+    ids
+}
+
 /// Rebuilds one handed-off connection and answers; on success it waits in `pending` for
 /// `Steered` (discarded after the steer timeout).
 async fn import(
     ctx: Arc<Ctx>,
+    proxy: IpAddr,
     id: u64,
     state: Vec<u8>,
     out: mpsc::UnboundedSender<Message>,
@@ -374,6 +451,7 @@ async fn import(
 ) {
     match ctx.delivery.import(&state, ctx.config.vip).await {
         Ok(imported) => {
+            ctx.hold(proxy, id, true);
             pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -390,6 +468,7 @@ async fn import(
             if let Some(imported) = stale {
                 warn!(id, "no Steered in time: discarding the rebuilt socket");
                 imported.discard();
+                ctx.hold(proxy, id, false);
                 ctx.metrics.result(AgentResult::Unsteered);
             }
         }

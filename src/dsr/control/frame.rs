@@ -4,6 +4,8 @@
 //! is left of the (already bounded, already authenticated) body before anything is sliced or
 //! allocated, and a body must be consumed exactly: trailing bytes are malformed.
 
+use std::net::SocketAddrV4;
+
 use super::ControlError;
 
 /// Longest backend name a `Handoff` may carry, in bytes (UTF-8).
@@ -11,6 +13,10 @@ pub const MAX_BACKEND_LEN: usize = 1024;
 /// Longest `Failed` reason, in bytes (UTF-8); longer reasons are cut at a character boundary
 /// when sent.
 pub const MAX_REASON_LEN: usize = 1024;
+/// Most hand-off ids one `Query` or `Alive` carries (the proxy sends larger sets in parts).
+pub const MAX_IDS: usize = 65_536;
+/// Bytes of one `Query` entry: id, client address, client port.
+const QUERY_ENTRY: usize = 8 + 4 + 2;
 
 /// One control-channel message. The proxy sends `Handoff` and `Steered`; the agent answers
 /// `Imported` or `Failed`, and reports `Closed` when a handed-off connection ends (the proxy
@@ -59,6 +65,20 @@ pub enum Message {
         /// The hand-off's id.
         id: u64,
     },
+    /// Proxy → agent: which of these handed-off connections does the agent still hold?
+    /// (The proxy renews a flow's steering only for those: a `Closed` lost with a broken
+    /// control connection cannot keep a flow steered forever.)
+    Query {
+        /// The VIP's port the flows are connected to (the proxy's listener).
+        port: u16,
+        /// Hand-off ids with their clients' addresses, at most [`MAX_IDS`].
+        flows: Vec<(u64, SocketAddrV4)>,
+    },
+    /// Agent → proxy: the answer to `Query`: the ids among those asked that still live.
+    Alive {
+        /// Hand-off ids, at most [`MAX_IDS`].
+        ids: Vec<u64>,
+    },
     /// Agent → proxy: a handed-off connection ended.
     Closed {
         /// The hand-off's id.
@@ -97,6 +117,12 @@ impl std::fmt::Debug for Message {
                 .finish(),
             Message::Steered { id } => f.debug_struct("Steered").field("id", id).finish(),
             Message::Abort { id } => f.debug_struct("Abort").field("id", id).finish(),
+            Message::Query { port, flows } => f
+                .debug_struct("Query")
+                .field("port", port)
+                .field("flows", &flows.len())
+                .finish(),
+            Message::Alive { ids } => f.debug_struct("Alive").field("ids", &ids.len()).finish(),
             Message::Closed {
                 id,
                 bytes_from_client,
@@ -121,6 +147,8 @@ pub(crate) mod kind {
     pub const STEERED: u8 = 6;
     pub const CLOSED: u8 = 7;
     pub const ABORT: u8 = 8;
+    pub const QUERY: u8 = 9;
+    pub const ALIVE: u8 = 10;
 }
 
 const FLAG_STRIP_HEADER: u8 = 0x01;
@@ -137,6 +165,8 @@ impl Message {
             Message::Steered { .. } => kind::STEERED,
             Message::Closed { .. } => kind::CLOSED,
             Message::Abort { .. } => kind::ABORT,
+            Message::Query { .. } => kind::QUERY,
+            Message::Alive { .. } => kind::ALIVE,
         }
     }
 
@@ -159,6 +189,18 @@ impl Message {
             Message::Imported { .. } | Message::Steered { .. } | Message::Abort { .. } => 8,
             Message::Failed { reason, .. } => 8 + 4 + 2 + cut_reason(reason).len(),
             Message::Closed { .. } => 24,
+            Message::Query { flows, .. } => {
+                if flows.len() > MAX_IDS {
+                    return Err(ControlError::Malformed("too many flows to send"));
+                }
+                2 + 4 + QUERY_ENTRY * flows.len()
+            }
+            Message::Alive { ids } => {
+                if ids.len() > MAX_IDS {
+                    return Err(ControlError::Malformed("too many ids to send"));
+                }
+                4 + 8 * ids.len()
+            }
         })
     }
 
@@ -202,6 +244,22 @@ impl Message {
                 out.extend_from_slice(&bytes_from_client.to_be_bytes());
                 out.extend_from_slice(&bytes_to_client.to_be_bytes());
             }
+            Message::Query { port, flows } => {
+                // body_len checked the count.
+                out.extend_from_slice(&port.to_be_bytes());
+                out.extend_from_slice(&(flows.len() as u32).to_be_bytes());
+                for (id, client) in flows {
+                    out.extend_from_slice(&id.to_be_bytes());
+                    out.extend_from_slice(&client.ip().octets());
+                    out.extend_from_slice(&client.port().to_be_bytes());
+                }
+            }
+            Message::Alive { ids } => {
+                out.extend_from_slice(&(ids.len() as u32).to_be_bytes());
+                for id in ids {
+                    out.extend_from_slice(&id.to_be_bytes());
+                }
+            }
         }
     }
 
@@ -234,6 +292,30 @@ impl Message {
             kind::IMPORTED => Message::Imported { id: r.u64()? },
             kind::STEERED => Message::Steered { id: r.u64()? },
             kind::ABORT => Message::Abort { id: r.u64()? },
+            kind::QUERY => {
+                let port = r.u16()?;
+                let n = r.u32()? as usize;
+                // The count is checked against what is left before anything is allocated.
+                if n > MAX_IDS || r.0.len() != n * QUERY_ENTRY {
+                    return Err(ControlError::Malformed("flow list length"));
+                }
+                let mut flows = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let id = r.u64()?;
+                    let ip = r.u32()?;
+                    let cport = r.u16()?;
+                    flows.push((id, SocketAddrV4::new(ip.into(), cport)));
+                }
+                Message::Query { port, flows }
+            }
+            kind::ALIVE => {
+                let n = r.u32()? as usize;
+                if n > MAX_IDS || r.0.len() != n * 8 {
+                    return Err(ControlError::Malformed("id list length"));
+                }
+                let ids = (0..n).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?;
+                Message::Alive { ids }
+            }
             kind::FAILED => {
                 let id = r.u64()?;
                 let errno = r.i32()?;

@@ -42,6 +42,8 @@
 //! | 6 | `Steered` | `id u64` |
 //! | 7 | `Closed` | `id u64`, `bytes_from_client u64`, `bytes_to_client u64` |
 //! | 8 | `Abort` | `id u64` |
+//! | 9 | `Query` | `port u16`, `count u32` (≤ [`MAX_IDS`]), `count ×` (`id u64`, client IPv4 `4 bytes`, client port `u16`) |
+//! | 10 | `Alive` | `count u32` (≤ [`MAX_IDS`]), `count × id u64` |
 //!
 //! # Replay and clocks
 //!
@@ -70,7 +72,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub use auth::{now_ms, Auth, Role, Secret, MIN_SECRET_LEN};
-pub use frame::{Message, MAX_BACKEND_LEN, MAX_REASON_LEN};
+pub use frame::{Message, MAX_BACKEND_LEN, MAX_IDS, MAX_REASON_LEN};
 
 /// The frame format version this code speaks.
 pub const VERSION: u8 = 1;

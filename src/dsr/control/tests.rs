@@ -55,6 +55,13 @@ fn all_messages() -> Vec<Message> {
         },
         Message::Steered { id: 9 },
         Message::Abort { id: 10 },
+        Message::Query {
+            port: 7000,
+            flows: vec![(3, "10.0.0.1:40000".parse().unwrap())],
+        },
+        Message::Alive {
+            ids: vec![1, u64::MAX],
+        },
         Message::Closed {
             id: 10,
             bytes_from_client: 1 << 40,
@@ -392,6 +399,18 @@ fn arb_message() -> impl Strategy<Value = Message> {
         }),
         any::<u64>().prop_map(|id| Message::Steered { id }),
         any::<u64>().prop_map(|id| Message::Abort { id }),
+        (
+            any::<u16>(),
+            proptest::collection::vec((any::<u64>(), any::<u32>(), any::<u16>()), 0..20)
+        )
+            .prop_map(|(port, f)| Message::Query {
+                port,
+                flows: f
+                    .into_iter()
+                    .map(|(id, ip, p)| (id, std::net::SocketAddrV4::new(ip.into(), p)))
+                    .collect()
+            }),
+        proptest::collection::vec(any::<u64>(), 0..20).prop_map(|ids| Message::Alive { ids }),
         (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(id, a, b)| Message::Closed {
             id,
             bytes_from_client: a,
