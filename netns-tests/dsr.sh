@@ -809,6 +809,59 @@ case_no_steering() {
     return "$bad"
 }
 
+# 9. An agent restart: the application keeps its passed connections; the proxy, reconciling
+#    every third of --dsr-flow-timeout, keeps steering the live one (its new agent finds it in
+#    the kernel) past the flow timeout, and forgets the one that closed while no agent could
+#    report it (ended{reason="gone"}).
+case_agent_restart() {
+    local port=7006 admin=127.0.0.1:9096 pid bad=0 keys hold1="$LOGDIR/restart.1" hold2="$LOGDIR/restart.2"
+    local c1 c2 out1="$LOGDIR/restart.client1" out2="$LOGDIR/restart.client2" rc1=0 rc2=0 i m act gone map
+    read -r -a keys <<<"$(keys_owned_by b2 2)"
+    [[ ${#keys[@]} == 2 ]] || { log "need two keys of b2"; return 1; }
+    start_proxy "$port" "$admin" "${DSR_FLAGS[@]}" --dsr-flow-timeout 3s || return 1
+    pid=$STARTED_PID
+    rm -f "$hold1" "$hold2"
+    for i in 1 2; do
+        local hold=$hold1 out=$out1 key=${keys[0]}
+        [[ $i == 2 ]] && { hold=$hold2; out=$out2; key=${keys[1]}; }
+        timeout 60 ip netns exec "$(ns client)" python3 "$HERE/dsr_client.py" --vip "$VIP" \
+            --port "$port" --proxy-ip "${IP[proxy]}" --hold-file "$hold" --hold-timeout 40 \
+            many "$key" >"$out" 2>"$out.err" </dev/null {OUT_FD}>&- {ERR_FD}>&- &
+        PIDS+=("$!"); ALL_PIDS+=("$!")
+        [[ $i == 1 ]] && c1=$! || c2=$!
+    done
+    for ((i = 0; i < 100; i++)); do
+        grep -q '^open 1' "$out1" 2>/dev/null && grep -q '^open 1' "$out2" 2>/dev/null && break
+        sleep 0.1
+    done
+    m=$(admin_scrape "$admin")
+    log "two connections open: handoffs ok $(metric shardproxy_dsr_handoffs_total 'result="ok"' <<<"$m"), flows_active $(metric shardproxy_dsr_flows_active <<<"$m")"
+    [[ $(metric shardproxy_dsr_flows_active <<<"$m") == 2 ]] || bad=1
+    stop_agent b2 KILL
+    touch "$hold2"                       # the second closes while b2 has no agent
+    wait "$c2" || rc2=$?; forget_pid "$c2"
+    start_agent b2 || { log "agent did not restart"; return 1; }
+    sleep 5                              # past the 3 s flow timeout
+    m=$(admin_scrape "$admin")
+    act=$(metric shardproxy_dsr_flows_active <<<"$m")
+    gone=$(metric shardproxy_dsr_flows_ended_total 'reason="gone"' <<<"$m")
+    map=$(nft_elements "$port" map flows)
+    log "5 s after the restart: second client exit $rc2 ($(grep -o 'result=[a-z]*' "$out2")), flows_active $act, ended{gone} $gone, flows map $map"
+    [[ $rc2 == 0 && ${act%.*} == 1 && ${gone%.*} == 1 && $map == 1 ]] || bad=1
+    touch "$hold1"                       # the first still works, steered past the timeout
+    wait "$c1" || rc1=$?; forget_pid "$c1"
+    for ((i = 0; i < 50; i++)); do
+        act=$(admin_scrape "$admin" | metric shardproxy_dsr_flows_active)
+        [[ ${act%.*} == 0 ]] && break
+        sleep 0.2
+    done
+    log "first client exit $rc1 ($(grep -o 'path=[a-z-]* result=[a-z]*' "$out1")); flows_active then $act"
+    grep -q 'path=handoff-socket result=ok' "$out1" || bad=1
+    [[ $rc1 == 0 && ${act%.*} == 0 ]] || bad=1
+    stop_ours "$pid" TERM
+    return "$bad"
+}
+
 main() {
     echo "shardproxy DSR netns tests (prefix $P)"
     if ! preflight; then fail "preflight"; summary; exit 1; fi
@@ -833,6 +886,7 @@ main() {
     run_case "6 table removed at exit; a crashed proxy's table replaced, then removed" case_table_lifecycle
     run_case "7 two --dsr proxies on one device: own hand-offs, own table cleanup" case_two_proxies
     run_case "8 steering unavailable (no nft, no CAP_NET_ADMIN): spliced intact, by reason" case_no_steering
+    run_case "9 agent restart: the live flow stays steered past the flow timeout, the closed one is forgotten" case_agent_restart
 
     if [[ $FAILED -gt 0 ]]; then
         local f
