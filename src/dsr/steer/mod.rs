@@ -424,6 +424,7 @@ impl Drop for Steering {
 }
 
 mod nft;
+mod nftnl;
 #[cfg(test)]
 mod tests;
 
