@@ -427,6 +427,33 @@ async fn element_updates_bypass_nft() {
     );
 }
 
+/// Many flows moved to another host at once (add, delete, add per flow, joined into few
+/// batches): every request answered, every flow listed with its new host.
+#[tokio::test]
+#[ignore = "needs root: run by netns-tests/run.sh"]
+async fn concurrent_moves_are_batched_and_all_answered() {
+    let ns = Netns::new();
+    let t = "shardproxy_t11";
+    let s = Arc::new(Steering::start_with(ns.config(t)).await.unwrap());
+    let (h2, h3) = (Ipv4Addr::new(10, 1, 0, 2), Ipv4Addr::new(10, 1, 0, 3));
+    for host in [h2, h3] {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..300 {
+            let s = Arc::clone(&s);
+            tasks.spawn(async move { s.steer(client(i), host).await });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap().unwrap();
+        }
+    }
+    let flows = ns.flows(t);
+    for i in 0..300 {
+        assert!(flows.contains(&elem(client(i))), "{} missing", client(i));
+    }
+    assert!(!flows.contains(&h2.to_string()), "{flows}");
+    s.shutdown().await.unwrap();
+}
+
 /// 1000 hand-offs one after another (freeze, steer, remove each), timed per operation.
 #[tokio::test]
 #[ignore = "needs root: run by netns-tests/run.sh"]

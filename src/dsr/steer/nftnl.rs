@@ -15,7 +15,7 @@
 //!             NFTA_SET_ELEM_KEY (nested) { NFTA_DATA_VALUE: addr(4) port(2, be) 0 0 }
 //!             [NFTA_SET_ELEM_DATA (nested) { NFTA_DATA_VALUE: addr(4) }]
 //!         ...
-//! ... one such message per set and kind in a row ...
+//! ... more such messages (one per set and kind, more if order needs it) ...
 //! NFNL_MSG_BATCH_END
 //! ```
 //!
@@ -31,6 +31,7 @@
 //! reports an error of the batch itself (no CAP_NET_ADMIN, a failed commit) on the batch
 //! begin's sequence number, so [`NlSocket::batch_acks`] watches for that too.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
 use std::io;
@@ -88,7 +89,7 @@ const NFTA_DATA_VALUE: u16 = 1;
 pub(super) const MAX_ELEMS_PER_MSG: usize = 256;
 
 /// The two sets of a steering table (see the parent module's ruleset).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) enum Set {
     /// `frozen`: `ipv4_addr . inet_service`.
     Frozen,
@@ -136,6 +137,12 @@ impl ElemOp {
     fn set(&self) -> Set {
         match self {
             ElemOp::Add { set, .. } | ElemOp::Delete { set, .. } => *set,
+        }
+    }
+
+    fn client(&self) -> SocketAddrV4 {
+        match self {
+            ElemOp::Add { client, .. } | ElemOp::Delete { client, .. } => *client,
         }
     }
 
@@ -262,25 +269,34 @@ fn nul_terminated(s: &str) -> Vec<u8> {
     v
 }
 
-/// Groups `ops` into messages: one per set and kind in a row. An operation joins the last
-/// message of its set if that is of the same kind (and not full), so the operations on one
-/// set keep their order; the two sets are independent, so their messages may interleave.
+/// Groups `ops` into as few messages as order allows: each operation joins the first
+/// message of its set and kind (not full) that comes no earlier than the last message
+/// touching the same element, so the operations on one element keep their order (the kernel
+/// runs messages, and elements within one, in order) while operations on different elements
+/// share messages. A batch of steers is thus one message per set, and any number of moves
+/// (add old, delete, add new) three messages for `flows`: few acknowledgements to read.
 pub(super) fn group(ops: &[ElemOp]) -> Vec<Vec<ElemOp>> {
     let mut msgs: Vec<Vec<ElemOp>> = Vec::new();
+    let mut last_touch: HashMap<(Set, SocketAddrV4), usize> = HashMap::new();
     for op in ops {
-        let last_of_set = msgs
-            .iter_mut()
-            .rev()
-            .find(|m| m.first().is_some_and(|f| f.set() == op.set()));
-        match last_of_set {
-            Some(m)
-                if m.first().is_some_and(|f| f.msg_type() == op.msg_type())
-                    && m.len() < MAX_ELEMS_PER_MSG =>
-            {
-                m.push(*op)
+        let key = (op.set(), op.client());
+        let from = last_touch.get(&key).copied().unwrap_or(0);
+        let fits = |m: &Vec<ElemOp>| {
+            m.first()
+                .is_some_and(|f| f.set() == op.set() && f.msg_type() == op.msg_type())
+                && m.len() < MAX_ELEMS_PER_MSG
+        };
+        let index = match msgs.iter().skip(from).position(fits) {
+            Some(i) => from + i,
+            None => {
+                msgs.push(Vec::new());
+                msgs.len() - 1
             }
-            _ => msgs.push(vec![*op]),
+        };
+        if let Some(m) = msgs.get_mut(index) {
+            m.push(*op);
         }
+        last_touch.insert(key, index);
     }
     msgs
 }

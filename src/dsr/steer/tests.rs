@@ -405,17 +405,39 @@ fn a_batch_is_begin_messages_end() {
         },
         add_flow("10.0.0.2:4001", "10.1.0.3", Some(1000), Some(1000)),
     ];
-    // One message per set and kind in a row; a set's operations keep their order.
+    // Operations on one element keep their order; the others share messages.
     let msgs = group(&ops);
     assert_eq!(
         msgs,
         [
-            vec![ops[0]],
+            vec![ops[0], ops[4]],
             vec![ops[1]],
-            vec![ops[2], ops[4]],
+            vec![ops[2]],
             vec![ops[3]],
         ]
     );
+    // Any number of moves: still three messages for `flows` (few acks to read).
+    let moves: Vec<ElemOp> = (0..100u16)
+        .flat_map(|p| {
+            let k = format!("10.0.0.3:{p}");
+            [
+                add_flow(&k, "10.1.0.2", None, None),
+                ElemOp::Delete {
+                    set: Set::Flows,
+                    client: c(&k),
+                },
+                add_flow(&k, "10.1.0.3", Some(1), Some(1)),
+                add_flow(&k, "10.1.0.3", Some(1), Some(2)),
+            ]
+        })
+        .collect();
+    let grouped = group(&moves);
+    assert_eq!(grouped.len(), 3);
+    for (i, m) in grouped.iter().enumerate() {
+        assert_eq!(m.len(), if i == 2 { 200 } else { 100 });
+    }
+    // A key's two adds after its delete stay in order within the last message.
+    assert_eq!(grouped[2][0..2], moves[2..4]);
     let mut seq = 41;
     let batch = encode("T", &ops, || {
         seq += 1;
