@@ -136,19 +136,22 @@ pub enum SteerError {
         #[source]
         source: std::io::Error,
     },
-    /// nft refused for lack of privileges: steering needs CAP_NET_ADMIN.
+    /// nft or the kernel (EPERM) refused for lack of privileges: steering needs
+    /// CAP_NET_ADMIN.
     #[error("nftables refused (steering needs root or CAP_NET_ADMIN): {message}")]
     Permission {
         /// nft's message.
         message: String,
     },
-    /// nft ran the batch and reported an error.
+    /// nft ran the batch and reported an error, or the kernel refused an element batch.
     #[error("nft command failed: {message}")]
     Command {
-        /// nft's message (error lines and the failing line, shortened).
+        /// nft's message (error lines and the failing line, shortened), or the refused
+        /// element operation and the errno.
         message: String,
     },
-    /// The nft child exited, hung or could not be written to.
+    /// The nft child exited, hung or could not be written to, or the netlink socket failed
+    /// (no answer, cannot be opened).
     #[error("nft process: {0}")]
     Process(String),
     /// A setting cannot be used in an nftables ruleset (name, device, timeout).
