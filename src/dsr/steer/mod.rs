@@ -220,7 +220,8 @@ pub struct SteerConfig {
     /// netlink are bounded by the socket's 5 s receive timeout).
     pub reply_timeout: Duration,
     /// The program and arguments that run nft, without `-i` (default `["nft"]`; tests use
-    /// `["ip", "netns", "exec", NAME, "nft"]`).
+    /// `["ip", "netns", "exec", NAME, "nft"]`). The element updates' netlink socket is opened
+    /// in the network namespace of the process this starts.
     pub command: Vec<String>,
 }
 
