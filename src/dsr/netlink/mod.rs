@@ -21,8 +21,8 @@
 
 mod conntrack;
 mod diag;
-mod socket;
-mod wire;
+pub(crate) mod socket;
+pub(crate) mod wire;
 
 #[cfg(test)]
 mod tests;

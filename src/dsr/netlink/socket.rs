@@ -174,6 +174,49 @@ impl NlSocket {
         })
     }
 
+    /// Reads the answer to an nfnetlink batch sent in one datagram: the batch begin with
+    /// sequence number `begin`, then `count` messages numbered `begin + 1..` each with
+    /// `NLM_F_ACK`, then the batch end. The kernel acknowledges every message (it goes on
+    /// after an error, so all errors come back) and reports a failure of the batch itself (no
+    /// CAP_NET_ADMIN, a failed commit) on `begin`. `Ok(Err((index, code)))` is the first
+    /// error: `index` of the message (`None`: the batch), `code` a negative errno.
+    pub(crate) fn batch_acks(
+        &mut self,
+        begin: u32,
+        count: usize,
+    ) -> io::Result<Result<(), (Option<usize>, i32)>> {
+        let mut acked = vec![false; count];
+        let mut left = count;
+        let mut failed: Option<(Option<usize>, i32)> = None;
+        if count == 0 {
+            return Ok(Ok(()));
+        }
+        self.read_until(|msg| {
+            if msg.ty != NLMSG_ERROR {
+                return Ok(false);
+            }
+            let code = wire::error_code(msg.payload)?;
+            if msg.seq == begin {
+                // The whole batch failed: element acks may follow or not.
+                if code != 0 {
+                    failed = failed.or(Some((None, code)));
+                    return Ok(true);
+                }
+                return Ok(false);
+            }
+            let index = msg.seq.wrapping_sub(begin).wrapping_sub(1) as usize;
+            if let Some(seen @ false) = acked.get_mut(index) {
+                *seen = true;
+                left -= 1;
+                if code != 0 {
+                    failed = failed.or(Some((Some(index), code)));
+                }
+            }
+            Ok(left == 0)
+        })?;
+        Ok(failed.map_or(Ok(()), Err))
+    }
+
     /// Reads the acknowledgements of `count` requests sent in one datagram with sequence
     /// numbers `first..first + count` (each with `NLM_F_ACK`): one result per request, `Ok`
     /// or the kernel's errno. Data messages are ignored.

@@ -1,5 +1,7 @@
-//! The proxy host's nftables steering for direct server return (docs/design.md §6), kept up
-//! to date in batches through ONE long-lived `nft -i` child process per [`Steering`].
+//! The proxy host's nftables steering for direct server return (docs/design.md §6): the
+//! ruleset is built and removed through ONE long-lived `nft -i` child process per
+//! [`Steering`], and its set elements are kept up to date in batches sent directly as
+//! nftables netlink transactions.
 //!
 //! # Ruleset
 //!
@@ -37,9 +39,10 @@
 //! heartbeat); when a flow expires while its connection still lives, the client's packets
 //! reach the proxy host's own stack again, which resets the connection.
 //!
-//! # Protocol with `nft -i`
+//! # Protocol with `nft -i` (ruleset only)
 //!
-//! `nft -i` reads one line at a time from stdin and runs each line as one transaction
+//! `nft -i` runs the start-up and teardown transactions only. It reads one line at a time
+//! from stdin and runs each line as one transaction
 //! (commands joined with ` ; ` on one line are one netlink batch: all or nothing). On success
 //! it prints nothing; on failure it prints `Error: ...`, the line, and a caret line. Its
 //! stdout and stderr share one pipe here, so the order is kept. After every batch line the
@@ -50,24 +53,39 @@
 //! [`SteerConfig::reply_timeout`] or exits is killed and respawned for the next batch (the
 //! table lives in the kernel, not in the child).
 //!
-//! Every command is written to succeed whatever the element's state, since one failing
-//! command would abort its whole batch. Elements are not deleted on the hot path: a
+//! # Element updates over netlink
+//!
+//! Freeze, steer, unfreeze, remove and refresh change set elements only. These go out as
+//! one nftables netlink batch per transaction on a `NETLINK_NETFILTER` socket of the worker
+//! (`nftnl.rs`: batch begin, one `NFT_MSG_NEWSETELEM`/`NFT_MSG_DELSETELEM` per set, batch
+//! end, every element message acknowledged): no text is parsed, and nothing grows with the
+//! child's age. (nftables 1.0.6 reads `nft -i`'s stdin one byte per `read` and re-parses
+//! every line; at ~1000 hand-offs/s the child used 50-70 % of a core, and its transactions
+//! slowed from 1.8 to 5.1 ms mean hand-off over 5000 hand-offs.) The socket is created in
+//! the network namespace of the `nft` child that built the ruleset (`/proc/PID/ns/net`, so
+//! `ip netns exec NS nft` steers in `NS`), right after the start-up transaction. A refused
+//! batch is [`SteerError::Command`] naming the element and the errno (EPERM:
+//! [`SteerError::Permission`]); a broken socket is [`SteerError::Process`] and is reopened
+//! for the next transaction.
+//!
+//! Every operation is written to succeed whatever the element's state, since one failing
+//! operation would abort its whole batch. Elements are not deleted on the hot path: a
 //! transaction that deletes a committed element costs 10-20 ms on kernel 6.18 (an RCU grace
 //! period) and stalls every transaction behind it, which put 20 ms into hand-offs. Instead
 //! every add states the element's `timeout` and `expires` (the kernel updates an existing
 //! element's expiry in place), and an unfreeze or a removal re-adds the element with
 //! `expires 1ms`: it stops matching at once and the kernel's garbage collection frees it.
 //! The one delete left — a key steered to another host while its old element may linger —
-//! is preceded by an add of the same element (nftables 1.0.6 has no `destroy element`).
+//! is preceded by an add of the same element (`NFT_MSG_DESTROYSETELEM`, which does not fail
+//! on a missing element, needs kernel 6.3).
 //! Concurrent requests are joined into one batch (up to [`MAX_BATCH`]); if such a batch still
 //! fails, each request is retried alone so every caller gets its own result.
 //!
 //! Measured (kernel 6.18, nftables 1.0.6, 2-core VM shared with other builds): 1000 hand-offs
 //! issued one request at a time (`latency_of_1000_cycles` in `tests/dsr_root_steer.rs`, test
-//! profile) cost 0.31 ms per freeze, 0.41 ms per steer, 0.39 ms per remove, each a whole
-//! transaction with its sentinel round trip and the thread hops, against 3.8 ms per forked
-//! `nft`; one line of 500 element adds took 18 ms (36 µs per element), so batching
-//! concurrent requests pays off under load.
+//! profile) cost 13 µs per freeze, 16 µs per steer, 13 µs per remove over netlink, each a
+//! whole transaction with the thread hops, against 0.43-0.47 ms each through `nft -i` and
+//! 3.8 ms per forked `nft`.
 //!
 //! The proxy's conntrack entry of a removed flow is deleted elsewhere, over ctnetlink
 //! ([`crate::dsr::netlink`]), by the proxy's flow table ([`crate::dsr::handoff`]). The
@@ -92,9 +110,10 @@ use tokio::sync::{mpsc, oneshot};
 pub const DEFAULT_FROZEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default lifetime of a flow entry unless refreshed (see the module docs).
 pub const DEFAULT_FLOW_TIMEOUT: Duration = Duration::from_secs(3600);
-/// Default time to wait for `nft` to answer one batch before it is killed and respawned.
+/// Default time to wait for `nft` to answer one ruleset transaction before it is killed and
+/// respawned.
 pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most requests joined into one nft transaction.
+/// Most requests joined into one transaction.
 pub const MAX_BATCH: usize = 128;
 
 const SENTINEL_PREFIX: &str = "shardproxy-sync-";
@@ -117,19 +136,22 @@ pub enum SteerError {
         #[source]
         source: std::io::Error,
     },
-    /// nft refused for lack of privileges: steering needs CAP_NET_ADMIN.
+    /// nft or the kernel (EPERM) refused for lack of privileges: steering needs
+    /// CAP_NET_ADMIN.
     #[error("nftables refused (steering needs root or CAP_NET_ADMIN): {message}")]
     Permission {
         /// nft's message.
         message: String,
     },
-    /// nft ran the batch and reported an error.
+    /// nft ran the batch and reported an error, or the kernel refused an element batch.
     #[error("nft command failed: {message}")]
     Command {
-        /// nft's message (error lines and the failing line, shortened).
+        /// nft's message (error lines and the failing line, shortened), or the refused
+        /// element operation and the errno.
         message: String,
     },
-    /// The nft child exited, hung or could not be written to.
+    /// The nft child exited, hung or could not be written to, or the netlink socket failed
+    /// (no answer, cannot be opened).
     #[error("nft process: {0}")]
     Process(String),
     /// A setting cannot be used in an nftables ruleset (name, device, timeout).
@@ -194,10 +216,12 @@ pub struct SteerConfig {
     pub frozen_timeout: Duration,
     /// Lifetime of a flow entry unless refreshed (at least 1 ms, whole milliseconds).
     pub flow_timeout: Duration,
-    /// How long to wait for nft to answer one batch.
+    /// How long to wait for nft to answer one ruleset transaction (element transactions over
+    /// netlink are bounded by the socket's 5 s receive timeout).
     pub reply_timeout: Duration,
     /// The program and arguments that run nft, without `-i` (default `["nft"]`; tests use
-    /// `["ip", "netns", "exec", NAME, "nft"]`).
+    /// `["ip", "netns", "exec", NAME, "nft"]`). The element updates' netlink socket is opened
+    /// in the network namespace of the process this starts.
     pub command: Vec<String>,
 }
 
@@ -312,9 +336,9 @@ enum Msg {
 /// The proxy host's nftables steering of one proxy instance (see the module docs).
 ///
 /// All methods may be called concurrently (share it in an `Arc`); requests that arrive while
-/// nft is busy are joined into the next transaction. The nft child is driven by a dedicated
-/// thread, so no method blocks the async runtime, except `Drop`, which waits for the table to
-/// be deleted (one nft transaction, bounded by [`SteerConfig::reply_timeout`]).
+/// a transaction runs are joined into the next one. nft and the netlink socket are driven by
+/// a dedicated thread, so no method blocks the async runtime, except `Drop`, which waits for
+/// the table to be deleted (one nft transaction, bounded by [`SteerConfig::reply_timeout`]).
 #[derive(Debug)]
 pub struct Steering {
     tx: mpsc::UnboundedSender<Msg>,
@@ -424,6 +448,7 @@ impl Drop for Steering {
 }
 
 mod nft;
+mod nftnl;
 #[cfg(test)]
 mod tests;
 

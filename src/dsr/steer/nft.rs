@@ -1,6 +1,9 @@
-//! The `nft -i` worker: one long-lived child per `Steering`, fed batches of commands, each
-//! answered through a numbered sentinel line (see the parent module's doc).
+//! The steering worker: one long-lived `nft -i` child per `Steering` for the ruleset (set up
+//! and torn down in transactions answered through a numbered sentinel line), and one
+//! `NETLINK_NETFILTER` socket for the element updates of the hot path (see the parent
+//! module's doc and `nftnl.rs`).
 
+use super::nftnl::{ElemOp, ElemSocket, Set};
 use super::*;
 
 pub(super) fn worker_main(
@@ -14,6 +17,16 @@ pub(super) fn worker_main(
         nft.close();
         let _ = ready.send(Err(e));
         return;
+    }
+    // Element updates go over netlink, in the namespace nft built the ruleset in.
+    match ElemSocket::open(nft.child.as_ref().map(|c| c.child.id())) {
+        Ok(s) => nft.elems = Some(s),
+        Err(e) => {
+            let _ = nft.teardown();
+            nft.close();
+            let _ = ready.send(Err(e));
+            return;
+        }
     }
     if ready.send(Ok(())).is_err() {
         // The caller went away while starting: do not leave the table behind.
@@ -56,15 +69,7 @@ struct NftChild {
     child: Child,
     stdin: ChildStdin,
     lines: std_mpsc::Receiver<String>,
-    /// Transactions it has run.
-    used: u32,
 }
-
-/// Transactions one `nft -i` child runs before it is replaced. nftables 1.0.6 in interactive
-/// mode grows and slows with every line it reads (measured: 1.8 ms → 5.1 ms a hand-off and
-/// 6.9 → 10.3 MB over 5000 transactions), so a fresh child (a few ms to start, once) every
-/// few hundred transactions keeps every transaction as fast as the first.
-const CHILD_TRANSACTIONS: u32 = 256;
 
 /// The worker's state: the child, the sentinel counter and the flows steered so far.
 pub(super) struct Nft {
@@ -75,6 +80,8 @@ pub(super) struct Nft {
     /// needed to update its expiry, and a new value for the same key needs a real delete.
     flows: HashMap<SocketAddrV4, Entry>,
     batches: u64,
+    /// The netlink socket for element updates (opened once the ruleset exists).
+    elems: Option<ElemSocket>,
 }
 
 /// A flow element as the worker believes the kernel holds it.
@@ -96,10 +103,6 @@ const STALE_KEEP: Duration = Duration::from_secs(60);
 /// The tracked flow changes a planned batch makes if it succeeds.
 pub(super) type Overlay = HashMap<SocketAddrV4, Entry>;
 
-pub(super) fn elem(c: SocketAddrV4) -> String {
-    format!("{} . {}", c.ip(), c.port())
-}
-
 impl Nft {
     pub(super) fn new(config: SteerConfig) -> Nft {
         Nft {
@@ -108,6 +111,7 @@ impl Nft {
             seq: 0,
             flows: HashMap::new(),
             batches: 0,
+            elems: None,
         }
     }
 
@@ -163,7 +167,6 @@ impl Nft {
             child,
             stdin,
             lines,
-            used: 0,
         })
     }
 
@@ -185,13 +188,6 @@ impl Nft {
 
     /// Runs one line (one transaction) and waits for its sentinel.
     fn run_line(&mut self, line: &str) -> Result<(), SteerError> {
-        if self
-            .child
-            .as_ref()
-            .is_some_and(|c| c.used >= CHILD_TRANSACTIONS)
-        {
-            self.close();
-        }
         if self.child.is_none() {
             self.child = Some(self.spawn()?);
         }
@@ -199,10 +195,7 @@ impl Nft {
         let token = format!("{SENTINEL_PREFIX}{}", self.seq);
         let deadline = Instant::now() + self.config.reply_timeout;
         let result = match self.child.as_mut() {
-            Some(c) => {
-                c.used += 1;
-                exchange(c, line, &token, deadline)
-            }
+            Some(c) => exchange(c, line, &token, deadline),
             None => Err(SteerError::Process("nft not running".to_owned())),
         };
         if matches!(result, Err(SteerError::Process(_))) {
@@ -212,7 +205,8 @@ impl Nft {
         result
     }
 
-    /// The commands for `op` given the tracked flows and this batch's earlier changes.
+    /// The element operations for `op` given the tracked flows and this batch's earlier
+    /// changes.
     ///
     /// No element is deleted on the hot path: on this kernel (6.18) a transaction that
     /// deletes a committed set element takes 10-20 ms (an RCU grace period) and stalls the
@@ -225,26 +219,32 @@ impl Nft {
         &self,
         op: Op,
         overlay: &mut Overlay,
-        cmds: &mut Vec<String>,
+        ops: &mut Vec<ElemOp>,
     ) -> Result<(), SteerError> {
-        let t = &self.config.table;
         let current = |overlay: &Overlay, c: &SocketAddrV4| {
             overlay.get(c).or_else(|| self.flows.get(c)).copied()
         };
         let now = Instant::now();
-        let flow_ms = self.config.flow_timeout.as_millis();
-        let frozen_ms = self.config.frozen_timeout.as_millis();
-        let set_flow = |cmds: &mut Vec<String>, c: SocketAddrV4, b: Ipv4Addr, expires_ms: u128| {
-            cmds.push(format!(
-                "add element netdev {t} flows {{ {} timeout {flow_ms}ms expires {expires_ms}ms : {b} }}",
-                elem(c)
-            ));
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let flow_ms = ms(self.config.flow_timeout);
+        let frozen_ms = ms(self.config.frozen_timeout);
+        let set_flow = |ops: &mut Vec<ElemOp>, c: SocketAddrV4, b: Ipv4Addr, expires_ms: u64| {
+            ops.push(ElemOp::Add {
+                set: Set::Flows,
+                client: c,
+                value: Some(b),
+                timeout_ms: Some(flow_ms),
+                expires_ms: Some(expires_ms),
+            });
         };
-        let unfreeze = |cmds: &mut Vec<String>, c: SocketAddrV4| {
-            cmds.push(format!(
-                "add element netdev {t} frozen {{ {} timeout {frozen_ms}ms expires 1ms }}",
-                elem(c)
-            ));
+        let set_frozen = |ops: &mut Vec<ElemOp>, c: SocketAddrV4, expires_ms: u64| {
+            ops.push(ElemOp::Add {
+                set: Set::Frozen,
+                client: c,
+                value: None,
+                timeout_ms: Some(frozen_ms),
+                expires_ms: Some(expires_ms),
+            });
         };
         let live = |b: Ipv4Addr| Entry {
             backend: b,
@@ -252,26 +252,31 @@ impl Nft {
             live: true,
         };
         match op {
-            Op::Freeze(c) => cmds.push(format!(
-                "add element netdev {t} frozen {{ {} timeout {frozen_ms}ms expires {frozen_ms}ms }}",
-                elem(c)
-            )),
-            Op::Unfreeze(c) => unfreeze(cmds, c),
+            Op::Freeze(c) => set_frozen(ops, c, frozen_ms),
+            Op::Unfreeze(c) => set_frozen(ops, c, 1),
             Op::Steer(c, b) => {
                 if let Some(old) = current(overlay, &c).filter(|e| e.backend != b) {
                     // Another value under the same key: the one delete (add first, so the
                     // delete cannot fail whatever the kernel collected meanwhile).
-                    let e = format!("{{ {} : {} }}", elem(c), old.backend);
-                    cmds.push(format!("add element netdev {t} flows {e}"));
-                    cmds.push(format!("delete element netdev {t} flows {e}"));
+                    ops.push(ElemOp::Add {
+                        set: Set::Flows,
+                        client: c,
+                        value: Some(old.backend),
+                        timeout_ms: None,
+                        expires_ms: None,
+                    });
+                    ops.push(ElemOp::Delete {
+                        set: Set::Flows,
+                        client: c,
+                    });
                 }
-                set_flow(cmds, c, b, flow_ms);
-                unfreeze(cmds, c);
+                set_flow(ops, c, b, flow_ms);
+                set_frozen(ops, c, 1);
                 overlay.insert(c, live(b));
             }
             Op::Remove(c) => {
                 if let Some(old) = current(overlay, &c).filter(|e| e.live) {
-                    set_flow(cmds, c, old.backend, 1);
+                    set_flow(ops, c, old.backend, 1);
                     overlay.insert(
                         c,
                         Entry {
@@ -286,7 +291,7 @@ impl Nft {
                 let Some(old) = current(overlay, &c).filter(|e| e.live) else {
                     return Err(SteerError::NotSteered(c));
                 };
-                set_flow(cmds, c, old.backend, flow_ms);
+                set_flow(ops, c, old.backend, flow_ms);
                 overlay.insert(c, live(old.backend));
             }
         }
@@ -307,11 +312,7 @@ impl Nft {
                 planned &= self.plan(*op, &mut overlay, &mut cmds).is_ok();
             }
             if planned {
-                let result = if cmds.is_empty() {
-                    Ok(())
-                } else {
-                    self.run_line(&cmds.join(" ; "))
-                };
+                let result = self.run_elems(&cmds);
                 match result {
                     Ok(()) => {
                         self.apply(overlay);
@@ -334,17 +335,22 @@ impl Nft {
         for (op, reply) in batch.drain(..) {
             let mut overlay = Overlay::new();
             let mut cmds = Vec::new();
-            let result = self.plan(op, &mut overlay, &mut cmds).and_then(|()| {
-                if cmds.is_empty() {
-                    Ok(())
-                } else {
-                    self.run_line(&cmds.join(" ; "))
-                }
-            });
+            let result = self
+                .plan(op, &mut overlay, &mut cmds)
+                .and_then(|()| self.run_elems(&cmds));
             if result.is_ok() {
                 self.apply(overlay);
             }
             let _ = reply.send(result);
+        }
+    }
+
+    /// Runs element operations as one netlink transaction (nothing to do: success).
+    fn run_elems(&mut self, ops: &[ElemOp]) -> Result<(), SteerError> {
+        match self.elems.as_mut() {
+            Some(s) => s.run(&self.config.table, ops),
+            None if ops.is_empty() => Ok(()),
+            None => Err(SteerError::Process("no netlink socket".to_owned())),
         }
     }
 
