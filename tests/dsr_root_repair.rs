@@ -222,6 +222,17 @@ fn a_stripped_header_is_gone_from_the_rebuilt_socket_and_the_rest_follows() {
     let state = TcpState::decode(&state.encode().unwrap()).unwrap();
     drop(server); // repair mode: silent; frees the 4-tuple
     let mut rebuilt = rebuild(&state).unwrap();
+    // A small queue fits the default buffers: they are left alone, so the kernel keeps
+    // autotuning them (setting SO_RCVBUF would lock the receive window at its value and cap
+    // every upload on a long path).
+    let fresh = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    let rebuilt_ref = socket2::SockRef::from(&rebuilt);
+    assert_eq!(
+        rebuilt_ref.recv_buffer_size().unwrap(),
+        fresh.recv_buffer_size().unwrap(),
+        "the receive buffer was set (and locked) for a {}-byte queue",
+        state.recv_queue.len()
+    );
     rebuilt.set_nonblocking(false).unwrap();
     rebuilt.set_read_timeout(timeout).unwrap();
     client.write_all(b" second").unwrap();

@@ -441,9 +441,9 @@ impl TcpState {
 /// (off without a window probe; 0 if the kernel refuses -1).
 ///
 /// Bytes refilled into the send queue count as sent: the kernel retransmits them after its
-/// retransmission timeout (one second for a fresh socket). Queues larger than the default
-/// socket buffers raise the buffer (with `SO_SNDBUFFORCE`/`SO_RCVBUFFORCE`), which fixes
-/// its size for the socket's life.
+/// retransmission timeout (one second for a fresh socket). Only a queue that does not fit
+/// the default socket buffer raises it (with `SO_SNDBUFFORCE`/`SO_RCVBUFFORCE`), which
+/// fixes its size for the socket's life; a smaller one leaves the kernel's autotuning on.
 ///
 /// On failure the half-built socket is closed while still in repair mode, so the peer is
 /// sent nothing; the caller can try elsewhere with the same state.
@@ -547,11 +547,14 @@ fn refill(
         return Ok(());
     }
     let fd = socket.as_fd();
-    // Queued skbs cost about twice their payload; the kernel doubles the value set.
-    let want = bytes.len().saturating_add(64 << 10);
+    // Queued skbs cost about twice their payload (the kernel reports, and doubles, the
+    // value set). Raise the buffer only when the queue would not fit: setting it locks it
+    // at that size for the socket's life (no more autotuning, so a small locked receive
+    // buffer would cap every later upload on a long path).
+    let need = bytes.len().saturating_mul(2).saturating_add(64 << 10);
     let have: i32 = get_opt(fd, libc::SOL_SOCKET, buf_opt).map_err(sys("getsockopt SO_*BUF"))?;
-    if usize::try_from(have).unwrap_or(0) < want.saturating_mul(2) {
-        let want = i32::try_from(want).unwrap_or(i32::MAX);
+    if usize::try_from(have).unwrap_or(0) < need {
+        let want = i32::try_from(need / 2).unwrap_or(i32::MAX);
         if set_opt(fd, libc::SOL_SOCKET, buf_force_opt, &want).is_err() {
             set_opt(fd, libc::SOL_SOCKET, buf_opt, &want).map_err(sys("setsockopt SO_*BUF"))?;
         }
