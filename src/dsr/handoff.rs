@@ -76,11 +76,15 @@ pub enum HandoffResult {
     AgentRefused,
     /// The control connection broke mid-hand-off.
     AgentLost,
+    /// The control connection broke after the flow was steered: the agent's copy may have
+    /// taken client bytes, so the connection can be neither handed off nor kept. It is
+    /// reset (the one result that is not a fallback).
+    LostAfterSteer,
 }
 
 impl HandoffResult {
     /// Every result, for registering the counters up front.
-    pub const ALL: [HandoffResult; 13] = [
+    pub const ALL: [HandoffResult; 14] = [
         HandoffResult::Ok,
         HandoffResult::NftMissing,
         HandoffResult::NoPermission,
@@ -94,6 +98,7 @@ impl HandoffResult {
         HandoffResult::AgentTimeout,
         HandoffResult::AgentRefused,
         HandoffResult::AgentLost,
+        HandoffResult::LostAfterSteer,
     ];
 
     /// The metric label.
@@ -112,6 +117,7 @@ impl HandoffResult {
             HandoffResult::AgentTimeout => "agent_timeout",
             HandoffResult::AgentRefused => "agent_refused",
             HandoffResult::AgentLost => "agent_lost",
+            HandoffResult::LostAfterSteer => "lost_after_steer",
         }
     }
 
@@ -235,7 +241,8 @@ impl Dsr {
     /// serves `backend`; `strip` header bytes are removed from what the application will
     /// read. On `Ok` the socket is in repair mode and must be closed by the caller without
     /// further use; on `Err` it is back to normal, every byte still queued, and the caller
-    /// splices it.
+    /// splices it — except [`HandoffResult::LostAfterSteer`], where the caller closes it
+    /// (a reset).
     pub async fn hand_off(
         &self,
         client: &TcpStream,
@@ -343,9 +350,12 @@ impl Dsr {
             // Steered, but the agent will never hear it: it drops its copy after its own
             // timeout, and the client's next packet is answered with a reset. Not a silent
             // truncation, but a lost connection: say so.
-            warn!(client = %peer, agent = %agent, error = %e, "hand-off lost after steering");
+            warn!(client = %peer, agent = %agent, error = %e, "hand-off lost after steering: resetting the connection");
             self.forget(id).await;
-            return Err(HandoffResult::AgentLost);
+            // Out of repair mode, with SO_LINGER 0: the caller's close sends a reset.
+            let _ = unfreeze(HandoffResult::LostAfterSteer, true);
+            let _ = socket2::SockRef::from(client).set_linger(Some(Duration::ZERO));
+            return Err(HandoffResult::LostAfterSteer);
         }
         debug!(client = %peer, agent = %agent, id, backend, "handed off");
         Ok(())

@@ -243,10 +243,15 @@ async fn hand_off(
         HeaderMode::Strip => head.consumed,
     };
     let name = be.name.clone();
-    tokio::select! {
-        biased;
-        r = dsr.hand_off(client, agent, &name, strip) => Ok(r.ok().map(|()| name)),
-        () = kill.cancelled() => Err(ConnError::Shutdown),
+    // Not cut by the drain deadline: a hand-off dropped half-way would leave the socket
+    // frozen (or its flow steered), and it is bounded by the hand-off timeout anyway.
+    match dsr.hand_off(client, agent, &name, strip).await {
+        Ok(()) => Ok(Some(name)),
+        Err(crate::dsr::handoff::HandoffResult::LostAfterSteer) => Err(ConnError::Forward {
+            side: Side::Backend,
+            source: io::Error::other("DSR hand-off lost after steering"),
+        }),
+        Err(_) => Ok(None),
     }
 }
 
