@@ -95,7 +95,7 @@ pub struct RunArgs {
     /// Address clients connect to.
     #[arg(long)]
     pub listen: SocketAddr,
-    /// A backend: NAME=HOST:PORT[,weight=N][,agent=HOST:PORT]. Repeat for each; order does
+    /// A backend: `NAME=HOST:PORT[,weight=N][,agent=HOST:PORT]`. Repeat for each; order does
     /// not matter. `agent=` names the DSR agent on the backend's host.
     #[arg(long = "backend", required = true, value_parser = parse_backend)]
     pub backends: Vec<BackendSpec>,

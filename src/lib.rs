@@ -12,7 +12,8 @@
 //! - [`proxy`]: listener, connection phases, splice forwarding, socket options.
 //! - [`metrics`]: metric names in one place and the handles the data path bumps.
 //! - `admin`: `/metrics` and `/healthz` over HTTP.
-//! - [`dsr`]: direct server return building blocks (TCP_REPAIR, control channel, steering).
+//! - [`dsr`]: direct server return: the proxy's hand-off, the agent, and their parts
+//!   (TCP_REPAIR, the control channel, steering, fd passing, netlink).
 //! - [`error`]: error enums per layer, each classified by side and reason.
 //! - [`cli`]: the command-line flags (clap).
 //! - `fixtures`: the echo backend and a client that speaks to it, for tests, benchmarks and
@@ -20,7 +21,8 @@
 
 #![warn(missing_docs)]
 // `unsafe` only where neither nix nor socket2 has a safe API: two socket calls in
-// `proxy::sockopt`, the TCP_REPAIR option/ioctl helpers in `dsr::repair` and the adoption
+// `proxy::sockopt`, the TCP_REPAIR option/ioctl helpers and the socket filter in
+// `dsr::repair` and the adoption
 // of a descriptor received over SCM_RIGHTS in `dsr::fdpass`, each allowed where it stands,
 // with a `// SAFETY:` comment.
 #![deny(unsafe_code)]
