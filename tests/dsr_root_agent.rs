@@ -301,3 +301,62 @@ async fn a_state_for_another_vip_is_refused() {
         0.0
     );
 }
+
+#[tokio::test]
+#[ignore = "needs root: run by netns-tests/run.sh"]
+async fn a_handoff_orphaned_by_its_control_connection_sends_the_client_nothing() {
+    let dir = TempDir::new();
+    let app = EchoBackend::start("127.0.0.1:0".parse().unwrap(), "b1")
+        .await
+        .unwrap();
+    let agent = start_agent(&dir, app.local_addr()).await;
+    // A few MB unread at the server, so the rebuild (refilling them) outlasts the control
+    // connection's close.
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // A big receive buffer (inherited by the accepted socket): the bytes stay queued.
+    nix::sys::socket::setsockopt(
+        &std_listener,
+        nix::sys::socket::sockopt::RcvBufForce,
+        &(8 << 20),
+    )
+    .unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let listener = TcpListener::from_std(std_listener).unwrap();
+    let mut client = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (server, _) = listener.accept().await.unwrap();
+    let bulk = vec![7u8; 4 << 20];
+    let _ = timeout(Duration::from_millis(500), client.write_all(&bulk)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let state = freeze_and_dump(&server).expect("TCP_REPAIR dump (needs root)");
+    assert!(
+        state.recv_queue.len() > 1 << 20,
+        "set-up: only {} bytes queued",
+        state.recv_queue.len()
+    );
+    drop(server);
+    drop(listener);
+
+    let auth = proxy_auth(SECRET);
+    let mut control = TcpStream::connect(agent.control_addr()).await.unwrap();
+    write_message(&mut control, &auth, &handoff(11, state.encode().unwrap()))
+        .await
+        .unwrap();
+    drop(control); // the proxy is gone before the agent could answer
+
+    // Whatever the timing, the client hears nothing: no FIN, no reset.
+    let mut buf = [0u8; 16];
+    match timeout(Duration::from_secs(2), client.read(&mut buf)).await {
+        Err(_) => {}
+        Ok(r) => panic!("the client heard from the discarded copy: {r:?}"),
+    }
+    let text = agent.metrics().render();
+    assert_eq!(
+        metric(
+            &text,
+            "shardproxy_agent_handoffs_total{result=\"delivered\"}"
+        ),
+        0.0
+    );
+}

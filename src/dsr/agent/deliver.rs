@@ -44,20 +44,38 @@ pub(super) struct Failure {
 }
 
 /// A rebuilt socket waiting for `Steered`.
+///
+/// Dropped without [`Imported::take`] — discarded, timed out, or lost on any path — it is
+/// closed in repair mode: the kernel sends the client nothing. A plain close would send a
+/// FIN with valid sequence numbers, and the client would take it for the end of a
+/// connection that the proxy kept.
 pub(super) struct Imported {
-    socket: std::net::TcpStream,
+    socket: Option<std::net::TcpStream>,
     /// `--forward`: the connection to the application, opened before `Imported`.
     app: Option<TcpStream>,
 }
 
 impl Imported {
-    /// Drops the hand-off without a word to the client (repair mode close).
+    /// Drops the hand-off without a word to the client (what dropping it does too).
     pub fn discard(self) {
-        repair::discard(self.socket);
-        if let Some(app) = self.app {
-            // The application saw a connection and no byte: a reset says it was not a
-            // client's clean close.
-            set_reset_on_close(&app);
+        drop(self);
+    }
+
+    /// The socket and the application connection, for delivery.
+    fn take(mut self) -> (Option<std::net::TcpStream>, Option<TcpStream>) {
+        (self.socket.take(), self.app.take())
+    }
+}
+
+impl Drop for Imported {
+    fn drop(&mut self) {
+        if let Some(socket) = self.socket.take() {
+            repair::discard(socket);
+            if let Some(app) = self.app.take() {
+                // The application saw a connection and no byte: a reset says it was not a
+                // client's clean close.
+                set_reset_on_close(&app);
+            }
         }
     }
 }
@@ -159,7 +177,10 @@ impl Delivery {
             },
             reason: format!("rebuild: {e}"),
         })?;
-        Ok(Imported { socket, app })
+        Ok(Imported {
+            socket: Some(socket),
+            app,
+        })
     }
 
     /// Gives a steered connection to the application and waits for its end; returns the
@@ -167,16 +188,25 @@ impl Delivery {
     pub async fn deliver(&self, imported: Imported) -> Option<(u64, u64)> {
         match self {
             Delivery::Forward { metrics, stop, .. } => {
-                let Imported { socket, app } = imported;
-                let app = app?;
-                relay(socket, app, metrics, stop).await
+                match imported.take() {
+                    (Some(socket), Some(app)) => relay(socket, app, metrics, stop).await,
+                    (Some(socket), None) => {
+                        // Cannot happen (import opens the application first); if it did,
+                        // a reset, never a FIN that looks like a clean end.
+                        let _ = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO));
+                        Some((0, 0))
+                    }
+                    _ => Some((0, 0)),
+                }
             }
             Delivery::Handoff {
                 sender,
                 watch,
                 metrics,
             } => {
-                let Imported { socket, .. } = imported;
+                let (Some(socket), _) = imported.take() else {
+                    return Some((0, 0));
+                };
                 let addrs = (socket.local_addr(), socket.peer_addr());
                 let (Ok(SocketAddr::V4(local)), Ok(SocketAddr::V4(peer))) = addrs else {
                     return Some((0, 0));

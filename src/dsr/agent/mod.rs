@@ -458,6 +458,16 @@ async fn import(
                 .insert(id, imported);
             ctx.metrics.result(AgentResult::Imported);
             if out.send(Message::Imported { id }).is_err() {
+                // The control connection closed while we rebuilt: nobody will steer it.
+                let orphan = pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                if let Some(imported) = orphan {
+                    imported.discard();
+                    ctx.hold(proxy, id, false);
+                    ctx.metrics.result(AgentResult::Aborted);
+                }
                 return;
             }
             tokio::time::sleep(ctx.config.steer_timeout).await;
