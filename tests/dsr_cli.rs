@@ -14,10 +14,25 @@ fn shardproxy(args: &[&str]) -> (i32, String) {
     )
 }
 
-fn secret(name: &str, bytes: &[u8]) -> String {
+/// A secret file of this test's own, removed on drop.
+struct SecretFile(std::path::PathBuf);
+
+impl SecretFile {
+    fn path(&self) -> String {
+        self.0.to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for SecretFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn secret(name: &str, bytes: &[u8]) -> SecretFile {
     let path = std::env::temp_dir().join(format!("sp-dsr-cli-{}-{name}", std::process::id()));
     std::fs::write(&path, bytes).unwrap();
-    path.to_string_lossy().into_owned()
+    SecretFile(path)
 }
 
 const GOOD: &[u8] = b"a secret of at least sixteen bytes";
@@ -30,8 +45,8 @@ fn run(listen: &str, backend: &str, extra: &[&str]) -> (i32, String) {
 
 #[test]
 fn run_dsr_mistakes_exit_2_with_what_to_fix() {
-    let good = secret("good", GOOD);
-    let short = secret("short", b"too short");
+    let (good_file, short_file) = (secret("good", GOOD), secret("short", b"too short"));
+    let (good, short) = (good_file.path(), short_file.path());
     let be = "b1=127.0.0.1:9,agent=127.0.0.1:10";
     let cases: Vec<(Vec<&str>, &str, &str)> = vec![
         (
@@ -103,8 +118,8 @@ fn run_dsr_mistakes_exit_2_with_what_to_fix() {
 
 #[test]
 fn agent_mistakes_exit_2_with_what_to_fix() {
-    let good = secret("agent-good", GOOD);
-    let short = secret("agent-short", b"short");
+    let (good_file, short_file) = (secret("agent-good", GOOD), secret("agent-short", b"short"));
+    let (good, short) = (good_file.path(), short_file.path());
     let base = ["agent", "--control", "127.0.0.1:0", "--vip", "10.0.0.1"];
     let cases: Vec<(Vec<&str>, &str)> = vec![
         // Exactly one of the two ways to deliver.
