@@ -56,15 +56,27 @@ fn proxy_auth(secret: &[u8]) -> Auth {
     )
 }
 
-async fn start_agent(dir: &TempDir, app: SocketAddr) -> AgentHandle {
+/// An echo application and an agent (VIP `vip`) relaying to it.
+async fn start_agent_for(dir: &TempDir, vip: Ipv4Addr) -> (EchoBackend, AgentHandle) {
+    let app = EchoBackend::start("127.0.0.1:0".parse().unwrap(), "b1")
+        .await
+        .unwrap();
     let mut cfg = AgentConfig::new(
         "127.0.0.1:0".parse().unwrap(),
-        Ipv4Addr::LOCALHOST,
+        vip,
         secret_file(dir, SECRET),
-        Target::Forward(app),
+        Target::Forward(app.local_addr()),
     );
     cfg.steer_timeout = Duration::from_secs(2);
-    agent::start(cfg).await.unwrap()
+    (app, agent::start(cfg).await.unwrap())
+}
+
+/// The agent's next message, within 5 s.
+async fn next_answer(control: &mut TcpStream, auth: &Auth) -> Message {
+    timeout(Duration::from_secs(5), read_message(control, auth))
+        .await
+        .expect("the agent answers within 5 s")
+        .expect("an authentic frame")
 }
 
 /// A loopback connection whose server side is frozen and dumped, then closed in repair mode
@@ -110,10 +122,7 @@ async fn closed_by_agent(conn: &mut TcpStream) -> bool {
 #[ignore = "needs root: run by netns-tests/run.sh"]
 async fn an_authentic_handoff_is_rebuilt_and_relayed_after_steered() {
     let dir = TempDir::new();
-    let app = EchoBackend::start("127.0.0.1:0".parse().unwrap(), "b1")
-        .await
-        .unwrap();
-    let agent = start_agent(&dir, app.local_addr()).await;
+    let (_app, agent) = start_agent_for(&dir, Ipv4Addr::LOCALHOST).await;
     let (mut client, state) = frozen_connection(b"\x00\x02k1hello").await;
 
     let auth = proxy_auth(SECRET);
@@ -121,10 +130,7 @@ async fn an_authentic_handoff_is_rebuilt_and_relayed_after_steered() {
     write_message(&mut control, &auth, &handoff(7, state))
         .await
         .unwrap();
-    let answer = timeout(Duration::from_secs(5), read_message(&mut control, &auth))
-        .await
-        .unwrap()
-        .unwrap();
+    let answer = next_answer(&mut control, &auth).await;
     assert_eq!(answer, Message::Imported { id: 7 });
     write_message(&mut control, &auth, &Message::Steered { id: 7 })
         .await
@@ -142,10 +148,7 @@ async fn an_authentic_handoff_is_rebuilt_and_relayed_after_steered() {
         flows: vec![(7, client_addr), (8, other)],
     };
     write_message(&mut control, &auth, &query).await.unwrap();
-    let alive = timeout(Duration::from_secs(5), read_message(&mut control, &auth))
-        .await
-        .unwrap()
-        .unwrap();
+    let alive = next_answer(&mut control, &auth).await;
     assert_eq!(alive, Message::Alive { ids: vec![7] });
 
     // The application greets, then echoes what the client had sent before the hand-off and
@@ -165,10 +168,7 @@ async fn an_authentic_handoff_is_rebuilt_and_relayed_after_steered() {
         .unwrap();
     assert!(rest.is_empty());
     // The agent reports the close with the bytes moved.
-    let closed = timeout(Duration::from_secs(5), read_message(&mut control, &auth))
-        .await
-        .unwrap()
-        .unwrap();
+    let closed = next_answer(&mut control, &auth).await;
     assert_eq!(
         closed,
         Message::Closed {
@@ -187,10 +187,7 @@ async fn an_authentic_handoff_is_rebuilt_and_relayed_after_steered() {
     );
     // Closed now: no longer held (the kernel may keep it in TIME_WAIT, which does not count).
     write_message(&mut control, &auth, &query).await.unwrap();
-    let alive = timeout(Duration::from_secs(5), read_message(&mut control, &auth))
-        .await
-        .unwrap()
-        .unwrap();
+    let alive = next_answer(&mut control, &auth).await;
     assert_eq!(alive, Message::Alive { ids: vec![] });
 }
 
@@ -198,10 +195,7 @@ async fn an_authentic_handoff_is_rebuilt_and_relayed_after_steered() {
 #[ignore = "needs root: run by netns-tests/run.sh"]
 async fn forged_and_replayed_handoffs_rebuild_nothing() {
     let dir = TempDir::new();
-    let app = EchoBackend::start("127.0.0.1:0".parse().unwrap(), "b1")
-        .await
-        .unwrap();
-    let agent = start_agent(&dir, app.local_addr()).await;
+    let (_app, agent) = start_agent_for(&dir, Ipv4Addr::LOCALHOST).await;
     let (_client, state) = frozen_connection(b"\x00\x02k2").await;
 
     // Forged: sealed with another secret. The agent closes the connection, rebuilds nothing.
@@ -221,10 +215,7 @@ async fn forged_and_replayed_handoffs_rebuild_nothing() {
     let frame = auth.seal(&handoff(2, state), now_ms()).unwrap();
     let mut control = TcpStream::connect(agent.control_addr()).await.unwrap();
     control.write_all(&frame).await.unwrap();
-    let answer = timeout(Duration::from_secs(5), read_message(&mut control, &auth))
-        .await
-        .unwrap()
-        .unwrap();
+    let answer = next_answer(&mut control, &auth).await;
     assert_eq!(answer, Message::Imported { id: 2 });
     control.write_all(&frame).await.unwrap();
     assert!(
@@ -268,27 +259,14 @@ async fn forged_and_replayed_handoffs_rebuild_nothing() {
 #[ignore = "needs root: run by netns-tests/run.sh"]
 async fn a_state_for_another_vip_is_refused() {
     let dir = TempDir::new();
-    let app = EchoBackend::start("127.0.0.1:0".parse().unwrap(), "b1")
-        .await
-        .unwrap();
-    let mut cfg = AgentConfig::new(
-        "127.0.0.1:0".parse().unwrap(),
-        Ipv4Addr::new(127, 0, 0, 9),
-        secret_file(&dir, SECRET),
-        Target::Forward(app.local_addr()),
-    );
-    cfg.steer_timeout = Duration::from_secs(2);
-    let agent = agent::start(cfg).await.unwrap();
+    let (_app, agent) = start_agent_for(&dir, Ipv4Addr::new(127, 0, 0, 9)).await;
     let (_client, state) = frozen_connection(b"\x00\x02k3").await;
     let auth = proxy_auth(SECRET);
     let mut control = TcpStream::connect(agent.control_addr()).await.unwrap();
     write_message(&mut control, &auth, &handoff(3, state))
         .await
         .unwrap();
-    let answer = timeout(Duration::from_secs(5), read_message(&mut control, &auth))
-        .await
-        .unwrap()
-        .unwrap();
+    let answer = next_answer(&mut control, &auth).await;
     let Message::Failed { id: 3, reason, .. } = answer else {
         panic!("expected Failed, got {answer:?}")
     };
@@ -306,10 +284,7 @@ async fn a_state_for_another_vip_is_refused() {
 #[ignore = "needs root: run by netns-tests/run.sh"]
 async fn a_handoff_orphaned_by_its_control_connection_sends_the_client_nothing() {
     let dir = TempDir::new();
-    let app = EchoBackend::start("127.0.0.1:0".parse().unwrap(), "b1")
-        .await
-        .unwrap();
-    let agent = start_agent(&dir, app.local_addr()).await;
+    let (_app, agent) = start_agent_for(&dir, Ipv4Addr::LOCALHOST).await;
     // A few MB unread at the server, so the rebuild (refilling them) outlasts the control
     // connection's close.
     let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
