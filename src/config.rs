@@ -46,12 +46,34 @@ pub struct BackendSpec {
     /// The DSR agent on the backend's host (`agent=HOST:PORT`): with `--dsr`, connections
     /// routed here are handed off to it. Never affects routing.
     pub agent: Option<SocketAddr>,
+    /// Concurrent proxied connections this backend takes (`max_connections=N`); over it a
+    /// new connection for its keys is closed at once and counted `backend_full` (never sent
+    /// to another backend). `None`: no cap of its own.
+    pub max_connections: Option<usize>,
+    /// Whether connections to this backend start with a PROXY protocol v2 header
+    /// (`proxy_protocol=v2|none`). `None`: the proxy-wide setting.
+    pub proxy_protocol: Option<bool>,
+}
+
+impl BackendSpec {
+    /// A backend with weight 1 and every option at its default.
+    pub fn new(name: impl Into<String>, addr: SocketAddr) -> Self {
+        BackendSpec {
+            name: name.into(),
+            addr,
+            weight: 1,
+            agent: None,
+            max_connections: None,
+            proxy_protocol: None,
+        }
+    }
 }
 
 impl FromStr for BackendSpec {
     type Err = ConfigError;
 
-    /// Parses `NAME=HOST:PORT[,weight=N][,agent=HOST:PORT]`.
+    /// Parses `NAME=HOST:PORT[,weight=N][,agent=HOST:PORT][,max_connections=N]
+    /// [,proxy_protocol=v2|none]`.
     fn from_str(spec: &str) -> Result<Self, ConfigError> {
         let bad = |why: &str| ConfigError::BackendSpec {
             spec: spec.to_string(),
@@ -73,9 +95,33 @@ impl FromStr for BackendSpec {
         let addr = resolve(addr_text).map_err(|why| bad(&why))?;
         let mut weight = 1;
         let mut agent = None;
+        let mut max_connections = None;
+        let mut proxy_protocol = None;
         for opt in parts {
             match opt.trim().split_once('=') {
                 Some(("agent", a)) => agent = Some(resolve(a.trim()).map_err(|why| bad(&why))?),
+                Some(("max_connections", n)) => {
+                    max_connections = Some(
+                        n.trim()
+                            .parse::<usize>()
+                            .ok()
+                            .filter(|n| *n > 0)
+                            .ok_or_else(|| {
+                                bad(&format!("max_connections {n:?} is not a whole number >= 1"))
+                            })?,
+                    );
+                }
+                Some(("proxy_protocol", v)) => {
+                    proxy_protocol = Some(match v.trim() {
+                        "v2" => true,
+                        "none" => false,
+                        other => {
+                            return Err(bad(&format!(
+                                "proxy_protocol {other:?} is not v2 or none"
+                            )))
+                        }
+                    });
+                }
                 Some(("weight", w)) => {
                     weight = w
                         .trim()
@@ -90,7 +136,8 @@ impl FromStr for BackendSpec {
                 }
                 _ => {
                     return Err(bad(&format!(
-                        "unknown option {opt:?} (weight=N or agent=HOST:PORT)"
+                        "unknown option {opt:?} (weight=N, agent=HOST:PORT, \
+                         max_connections=N or proxy_protocol=v2|none)"
                     )))
                 }
             }
@@ -100,6 +147,8 @@ impl FromStr for BackendSpec {
             addr,
             weight,
             agent,
+            max_connections,
+            proxy_protocol,
         })
     }
 }
@@ -107,8 +156,15 @@ impl FromStr for BackendSpec {
 impl fmt::Display for BackendSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}={},weight={}", self.name, self.addr, self.weight)?;
-        match self.agent {
-            Some(agent) => write!(f, ",agent={agent}"),
+        if let Some(agent) = self.agent {
+            write!(f, ",agent={agent}")?;
+        }
+        if let Some(n) = self.max_connections {
+            write!(f, ",max_connections={n}")?;
+        }
+        match self.proxy_protocol {
+            Some(true) => write!(f, ",proxy_protocol=v2"),
+            Some(false) => write!(f, ",proxy_protocol=none"),
             None => Ok(()),
         }
     }
@@ -136,11 +192,106 @@ pub enum Failover {
     None,
 }
 
+/// Default interval between active health probes of one backend.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// Default time a health probe has to connect (and, with `expect`, to read the answer).
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default consecutive failed probes that mark a backend down.
+pub const DEFAULT_HEALTH_FALL: u32 = 3;
+/// Default consecutive good probes that mark a down backend up again.
+pub const DEFAULT_HEALTH_RISE: u32 = 2;
+/// Default share of the interval each wait is moved by at random (so probes of many
+/// proxies and backends do not fall in step).
+pub const DEFAULT_HEALTH_JITTER: f64 = 0.1;
+/// Default consecutive failed client connects that eject a backend (passive checking).
+pub const DEFAULT_EJECT_AFTER: u32 = 5;
+/// Default first ejection time; each further ejection in a row doubles it.
+pub const DEFAULT_EJECT_TIME: Duration = Duration::from_secs(5);
+/// Default longest ejection time.
+pub const DEFAULT_MAX_EJECT_TIME: Duration = Duration::from_secs(300);
+/// Default panic threshold: when more than this share of the backends that take keys is
+/// down, health is ignored and every backend is routed to as if up.
+pub const DEFAULT_MAX_DOWN_SHARE: f64 = 0.5;
+
+/// Health checking (docs/operating.md): active probes and passive ejection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    /// Active probes on (the default): a TCP connect to each backend every `interval`.
+    pub active: bool,
+    /// Time between probes of one backend (moved by up to `jitter` of itself).
+    pub interval: Duration,
+    /// Share of `interval` each wait is moved by at random, `0.0..=0.5`.
+    pub jitter: f64,
+    /// Time a probe has to connect, and to read the expected answer.
+    pub timeout: Duration,
+    /// Consecutive failed probes that mark a backend down.
+    pub fall: u32,
+    /// Consecutive good probes that mark a down backend up.
+    pub rise: u32,
+    /// Bytes a probe sends once connected (none: connect only).
+    pub send: Option<Vec<u8>>,
+    /// Bytes the answer must start with (none: the connect is enough).
+    pub expect: Option<Vec<u8>>,
+    /// Consecutive failed client connects that eject a backend at once (0: no passive
+    /// ejection). An ejected backend is re-admitted only after a probe succeeds.
+    pub eject_after: u32,
+    /// First ejection time; doubled for each ejection in a row, up to `max_eject_time`.
+    pub eject_time: Duration,
+    /// Longest ejection time.
+    pub max_eject_time: Duration,
+    /// Panic threshold: above this share of down backends, route as if all were up.
+    pub max_down_share: f64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            active: true,
+            interval: DEFAULT_HEALTH_INTERVAL,
+            jitter: DEFAULT_HEALTH_JITTER,
+            timeout: DEFAULT_HEALTH_TIMEOUT,
+            fall: DEFAULT_HEALTH_FALL,
+            rise: DEFAULT_HEALTH_RISE,
+            send: None,
+            expect: None,
+            eject_after: DEFAULT_EJECT_AFTER,
+            eject_time: DEFAULT_EJECT_TIME,
+            max_eject_time: DEFAULT_MAX_EJECT_TIME,
+            max_down_share: DEFAULT_MAX_DOWN_SHARE,
+        }
+    }
+}
+
+/// What happens to an established connection when its key's owner changes (a membership
+/// or health change sends the key elsewhere).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OwnerChange {
+    /// Leave it on the backend it is on (the default).
+    #[default]
+    Keep,
+    /// Reset it after `grace`, unless the key's owner is its backend again by then.
+    Close {
+        /// Time the connection keeps running after the change.
+        grace: Duration,
+    },
+}
+
+/// A per-source connection rate limit (token bucket per IPv4 address or IPv6 /64).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SourceRate {
+    /// New connections per second one source may open, on average.
+    pub per_second: f64,
+    /// Connections a source may open at once above the average.
+    pub burst: u32,
+}
+
 /// Everything the proxy needs to run one listener.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     /// Client-facing listen address.
     pub listen: SocketAddr,
+    /// More client-facing listen addresses, served alike (the config file's `listen` list).
+    pub also_listen: Vec<SocketAddr>,
     /// Admin/metrics listen address; no admin listener when `None`.
     pub admin: Option<SocketAddr>,
     /// The backends, in any order (order never affects routing).
@@ -182,6 +333,20 @@ pub struct ProxyConfig {
     pub admin_header_timeout: Duration,
     /// Direct server return (`--dsr`): hand connections whose backend has an agent to it.
     pub dsr: Option<DsrConfig>,
+    /// Health checking.
+    pub health: HealthConfig,
+    /// Policy for established connections whose key changed owner.
+    pub owner_change: OwnerChange,
+    /// Per-source connection rate limit (`None`: off).
+    pub source_rate: Option<SourceRate>,
+    /// Send a PROXY protocol v2 header to backends that do not say otherwise.
+    pub proxy_protocol: bool,
+    /// File holding the admin API's bearer token; mutating admin routes need it when set,
+    /// and an admin listener off loopback requires it.
+    pub admin_token_file: Option<std::path::PathBuf>,
+    /// Unix socket where this process hands its listeners to a successor
+    /// (zero-downtime upgrade); `None`: no upgrades.
+    pub upgrade_socket: Option<std::path::PathBuf>,
 }
 
 /// Default time an agent has to answer a hand-off (rebuilt or failed).
@@ -244,6 +409,13 @@ impl ProxyConfig {
             max_pipes: None,
             admin_header_timeout: DEFAULT_ADMIN_HEADER_TIMEOUT,
             dsr: None,
+            also_listen: Vec::new(),
+            health: HealthConfig::default(),
+            owner_change: OwnerChange::Keep,
+            source_rate: None,
+            proxy_protocol: false,
+            admin_token_file: None,
+            upgrade_socket: None,
         }
     }
 
@@ -330,6 +502,78 @@ impl ProxyConfig {
         if let Some(dsr) = &self.dsr {
             self.validate_dsr(dsr)?;
         }
+        self.validate_control()?;
+        Ok(())
+    }
+
+    /// Health, limits and admin-access settings.
+    fn validate_control(&self) -> Result<(), ConfigError> {
+        let invalid = |field, why: String| Err(ConfigError::Invalid { field, why });
+        let h = &self.health;
+        for (field, d) in [
+            ("health.interval", h.interval),
+            ("health.timeout", h.timeout),
+            ("health.eject_time", h.eject_time),
+        ] {
+            if d.is_zero() {
+                return invalid(field, "must be greater than zero".into());
+            }
+        }
+        if h.max_eject_time < h.eject_time {
+            return invalid(
+                "health.max_eject_time",
+                format!(
+                    "{:?} is shorter than health.eject_time ({:?})",
+                    h.max_eject_time, h.eject_time
+                ),
+            );
+        }
+        if !(0.0..=0.5).contains(&h.jitter) {
+            return invalid("health.jitter", format!("{} is not within 0.0..=0.5", h.jitter));
+        }
+        if h.fall == 0 || h.rise == 0 {
+            return invalid("health.fall/rise", "must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&h.max_down_share) {
+            return invalid(
+                "health.max_down_share",
+                format!("{} is not a share within 0.0..=1.0", h.max_down_share),
+            );
+        }
+        if h.expect.as_ref().is_some_and(|e| e.is_empty() || e.len() > 4096)
+            || h.send.as_ref().is_some_and(|s| s.is_empty() || s.len() > 4096)
+        {
+            return invalid("health.send/expect", "must be 1 to 4096 bytes".into());
+        }
+        if let OwnerChange::Close { grace } = self.owner_change {
+            if grace > Duration::from_secs(24 * 3600) {
+                return invalid("owner_change_grace", "at most 24h".into());
+            }
+        }
+        if let Some(r) = self.source_rate {
+            if !(r.per_second.is_finite() && r.per_second > 0.0) || r.burst == 0 {
+                return invalid(
+                    "source_rate",
+                    "a rate above 0 per second and a burst of at least 1".into(),
+                );
+            }
+        }
+        if let Some(admin) = self.admin {
+            if !admin.ip().is_loopback() && self.admin_token_file.is_none() {
+                return invalid(
+                    "--admin",
+                    format!(
+                        "{admin} is not a loopback address: give --admin-token-file (the \
+                         admin API changes the routing table) or bind it to 127.0.0.1"
+                    ),
+                );
+            }
+        }
+        if let Some(path) = &self.admin_token_file {
+            if let Err(why) = read_token(path) {
+                return invalid("--admin-token-file", why);
+            }
+        }
         Ok(())
     }
 
@@ -415,6 +659,21 @@ impl ProxyConfig {
             Failover::None => 1,
         }
     }
+}
+
+/// Reads an admin bearer token: the file's first line, trimmed, at least 16 bytes of
+/// visible ASCII.
+pub fn read_token(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let token = text.lines().next().unwrap_or_default().trim().to_string();
+    if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "{}: the token must be at least 16 visible ASCII characters on the first line",
+            path.display()
+        ));
+    }
+    Ok(token)
 }
 
 /// Largest `max_key_len` accepted (64 KiB): the header is buffered per connection.

@@ -77,6 +77,8 @@ pub async fn run(opts: DemoOptions) -> Result<String, DemoError> {
             addr: b.local_addr(),
             weight: 1,
             agent: None,
+            max_connections: None,
+            proxy_protocol: None,
         })
         .collect();
     let mut config = ProxyConfig::new(loopback, specs.clone());

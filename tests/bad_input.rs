@@ -75,6 +75,8 @@ async fn counting_proxy(tweak: impl FnOnce(&mut ProxyConfig)) -> (ProxyHandle, C
         addr: counting.addr,
         weight: 1,
         agent: None,
+        max_connections: None,
+        proxy_protocol: None,
     };
     (start_proxy(vec![spec], tweak).await, counting)
 }

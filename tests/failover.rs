@@ -39,6 +39,8 @@ fn spec(name: &str, addr: SocketAddr) -> BackendSpec {
         addr,
         weight: 1,
         agent: None,
+        max_connections: None,
+        proxy_protocol: None,
     }
 }
 
@@ -466,6 +468,8 @@ async fn with_every_backend_down_the_client_is_closed_without_a_greeting() {
         .map(|n| BackendSpec {
             weight: 0,
             agent: None,
+            max_connections: None,
+            proxy_protocol: None,
             ..spec(n, refusing_addr())
         })
         .collect();

@@ -104,6 +104,8 @@ async fn run_case(splice: bool, up: Vec<Step>, down: Vec<Step>) -> Result<(), St
             addr,
             weight: 1,
             agent: None,
+            max_connections: None,
+            proxy_protocol: None,
         }],
         |c| c.splice = splice,
     )

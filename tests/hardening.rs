@@ -30,6 +30,8 @@ fn spec(addr: SocketAddr) -> BackendSpec {
         addr,
         weight: 1,
         agent: None,
+        max_connections: None,
+        proxy_protocol: None,
     }
 }
 
@@ -316,12 +318,16 @@ async fn drain_deadline_resets_both_sides() {
                 addr: backend,
                 weight: 1,
                 agent: None,
+                max_connections: None,
+                proxy_protocol: None,
             },
             BackendSpec {
                 name: "up".into(),
                 addr: up_addr,
                 weight: 1,
                 agent: None,
+                max_connections: None,
+                proxy_protocol: None,
             },
         ];
         let router = shardproxy::Router::new([("down", 1), ("up", 1)]).expect("router");

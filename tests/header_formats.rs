@@ -207,6 +207,8 @@ async fn bad_headers(fmt: HeaderFormat, cases: Vec<BadCase>) {
                 addr: counting.addr,
                 weight: 1,
                 agent: None,
+                max_connections: None,
+                proxy_protocol: None,
             };
             let proxy = start_proxy(vec![spec], |c: &mut ProxyConfig| c.header = fmt).await;
             let ctx = format!("{fmt}: {} ({:02x?})", case.what, case.bytes);

@@ -101,6 +101,8 @@ async fn idle_connection_heap_cost() {
             addr: backend_addr,
             weight: 1,
             agent: None,
+            max_connections: None,
+            proxy_protocol: None,
         }],
         |c| {
             c.admin = None;
@@ -183,6 +185,8 @@ async fn slow_header_heap_cost() {
             addr: refusing_addr(),
             weight: 1,
             agent: None,
+            max_connections: None,
+            proxy_protocol: None,
         }],
         |c| {
             c.admin = None;

@@ -164,6 +164,8 @@ fn spec(name: &str, addr: SocketAddr) -> BackendSpec {
         addr,
         weight: 1,
         agent: None,
+        max_connections: None,
+        proxy_protocol: None,
     }
 }
 

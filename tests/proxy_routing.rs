@@ -73,6 +73,8 @@ fn spec(name: &str, addr: SocketAddr, weight: u32) -> BackendSpec {
         addr,
         weight,
         agent: None,
+        max_connections: None,
+        proxy_protocol: None,
     }
 }
 

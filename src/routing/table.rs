@@ -86,6 +86,8 @@ mod tests {
             addr: ([127, 0, 0, 1], port).into(),
             weight: 1,
             agent: None,
+            max_connections: None,
+            proxy_protocol: None,
         }
     }
 

@@ -39,6 +39,8 @@ pub fn specs(backends: &[EchoBackend]) -> Vec<BackendSpec> {
             addr: b.local_addr(),
             weight: 1,
             agent: None,
+            max_connections: None,
+            proxy_protocol: None,
         })
         .collect()
 }
