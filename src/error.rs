@@ -61,6 +61,15 @@ pub enum ConnError {
     /// The proxy shut down before the connection finished.
     #[error("proxy shutting down")]
     Shutdown,
+    /// The key's backend has its `max_connections` open; the key is never sent elsewhere.
+    #[error("the key's backend is at its max_connections")]
+    BackendFull,
+    /// With `failover = "none"`, the key's owner is marked down: failed fast, not moved.
+    #[error("the key's owner is down and failover is none")]
+    BackendDown,
+    /// The key changed owner and the owner-change policy is `close`: reset after the grace.
+    #[error("the key's owner changed (owner-change policy: close)")]
+    OwnerChanged,
 }
 
 impl ConnError {
@@ -70,13 +79,17 @@ impl ConnError {
             ConnError::Header(_) | ConnError::HeaderIo(_) | ConnError::Idle => Side::Client,
             ConnError::NoBackend | ConnError::ConnectFailed { .. } => Side::Backend,
             ConnError::Forward { side, .. } => *side,
-            ConnError::Local(_) | ConnError::Shutdown => Side::Proxy,
+            ConnError::Local(_)
+            | ConnError::Shutdown
+            | ConnError::BackendFull
+            | ConnError::OwnerChanged => Side::Proxy,
+            ConnError::BackendDown => Side::Backend,
         }
     }
 
     /// Every label [`ConnError::reason`] gives outside the header errors (which have their own
     /// metric), so the counters can be registered once, before any connection.
-    pub const REASONS: [&'static str; 8] = [
+    pub const REASONS: [&'static str; 11] = [
         "header_io",
         "no_backend",
         "local_resources",
@@ -85,6 +98,9 @@ impl ConnError {
         "backend_error",
         "idle_timeout",
         "shutdown",
+        "backend_full",
+        "backend_down",
+        "owner_changed",
     ];
 
     /// A bounded metric label for this error.
@@ -101,6 +117,9 @@ impl ConnError {
             ConnError::Forward { .. } => "backend_error",
             ConnError::Idle => "idle_timeout",
             ConnError::Shutdown => "shutdown",
+            ConnError::BackendFull => "backend_full",
+            ConnError::BackendDown => "backend_down",
+            ConnError::OwnerChanged => "owner_changed",
         }
     }
 }
@@ -181,6 +200,9 @@ mod tests {
             },
             ConnError::Idle,
             ConnError::Shutdown,
+            ConnError::BackendFull,
+            ConnError::BackendDown,
+            ConnError::OwnerChanged,
         ];
         for e in &all {
             assert!(ConnError::REASONS.contains(&e.reason()), "{}", e.reason());

@@ -65,6 +65,26 @@ pub const FD_LIMIT: &str = "shardproxy_fd_limit";
 /// `lifetime`, `error`).
 pub const ADMIN_CONNECTIONS: &str = "shardproxy_admin_connections_total";
 
+/// 1 while a backend is up (health checks), 0 while down, by `backend`.
+pub const BACKEND_UP: &str = "shardproxy_backend_up";
+/// 1 while a backend is in the membership, 0 after it was removed (its other series stay
+/// in the exposition with their last values), by `backend`.
+pub const BACKEND_CONFIGURED: &str = "shardproxy_backend_configured";
+/// Health transitions, by `backend` and `to` (`up`, `down`).
+pub const BACKEND_TRANSITIONS: &str = "shardproxy_backend_health_transitions_total";
+/// Passive ejections (consecutive client connect failures), by `backend`.
+pub const BACKEND_EJECTIONS: &str = "shardproxy_backend_ejections_total";
+/// Active health probes, by `backend` and `result` (`ok`, `failed`).
+pub const HEALTH_CHECKS: &str = "shardproxy_health_checks_total";
+/// 1 while more backends are down than the panic threshold allows (health ignored).
+pub const ROUTING_PANIC: &str = "shardproxy_routing_panic";
+/// Config reloads (SIGHUP), by `result` (`ok`, `failed`).
+pub const CONFIG_RELOADS: &str = "shardproxy_config_reloads_total";
+/// Membership changes through the admin API, by `result` (`ok`, `rejected`).
+pub const ADMIN_CHANGES: &str = "shardproxy_admin_changes_total";
+/// Connections reset because their key changed owner (owner-change policy `close`).
+pub const OWNER_CHANGE_CLOSED: &str = "shardproxy_owner_change_closed_total";
+
 /// DSR hand-offs, by `result` (`ok`, or the reason it fell back to splicing).
 pub const DSR_HANDOFFS: &str = "shardproxy_dsr_handoffs_total";
 /// Time from freezing a flow to steering it (a successful hand-off), in seconds.
@@ -121,6 +141,12 @@ struct Inner {
     fd_limit: Gauge,
     generation: Gauge,
     fingerprint: Gauge,
+    panic: Gauge,
+    reloads_ok: Counter,
+    reloads_failed: Counter,
+    admin_changes_ok: Counter,
+    admin_changes_rejected: Counter,
+    owner_change_closed: Counter,
 }
 
 impl Metrics {
@@ -174,6 +200,12 @@ impl Metrics {
                 fd_limit: gauge(FD_LIMIT),
                 generation: gauge(TABLE_GENERATION),
                 fingerprint: gauge(TABLE_FINGERPRINT),
+                panic: gauge(ROUTING_PANIC),
+                reloads_ok: counter(CONFIG_RELOADS, &[("result", "ok")]),
+                reloads_failed: counter(CONFIG_RELOADS, &[("result", "failed")]),
+                admin_changes_ok: counter(ADMIN_CHANGES, &[("result", "ok")]),
+                admin_changes_rejected: counter(ADMIN_CHANGES, &[("result", "rejected")]),
+                owner_change_closed: counter(OWNER_CHANGE_CLOSED, &[]),
                 handle,
                 recorder,
             }),
@@ -285,6 +317,34 @@ impl Metrics {
             .set((fingerprint & ((1 << 52) - 1)) as f64);
     }
 
+    /// Sets the panic gauge.
+    pub fn set_panic(&self, panic: bool) {
+        self.inner.panic.set(if panic { 1.0 } else { 0.0 });
+    }
+
+    /// Counts a config reload.
+    pub fn config_reload(&self, ok: bool) {
+        if ok {
+            self.inner.reloads_ok.increment(1);
+        } else {
+            self.inner.reloads_failed.increment(1);
+        }
+    }
+
+    /// Counts an admin membership change, applied or rejected.
+    pub fn admin_change(&self, ok: bool) {
+        if ok {
+            self.inner.admin_changes_ok.increment(1);
+        } else {
+            self.inner.admin_changes_rejected.increment(1);
+        }
+    }
+
+    /// Counts a connection reset by the owner-change policy.
+    pub fn owner_change_closed(&self) {
+        self.inner.owner_change_closed.increment(1);
+    }
+
     /// Registers the admin connection counter for one `result`.
     pub(crate) fn admin_connections(&self, result: &'static str) -> Counter {
         self.inner
@@ -337,6 +397,14 @@ impl Metrics {
                 &Key::from_parts(BACKEND_CONNECT_SECONDS, label(&[])),
                 &METADATA,
             ),
+            up: r.register_gauge(&Key::from_parts(BACKEND_UP, label(&[])), &METADATA),
+            configured: r
+                .register_gauge(&Key::from_parts(BACKEND_CONFIGURED, label(&[])), &METADATA),
+            went_up: counter(BACKEND_TRANSITIONS, &[("to", "up")]),
+            went_down: counter(BACKEND_TRANSITIONS, &[("to", "down")]),
+            ejections: counter(BACKEND_EJECTIONS, &[]),
+            checks_ok: counter(HEALTH_CHECKS, &[("result", "ok")]),
+            checks_failed: counter(HEALTH_CHECKS, &[("result", "failed")]),
         }
     }
 }
@@ -368,6 +436,20 @@ pub struct BackendMetrics {
     pub bytes_to_client: Counter,
     /// Connect latency.
     pub connect_seconds: Histogram,
+    /// 1 up, 0 down.
+    pub up: Gauge,
+    /// 1 in the membership, 0 removed.
+    pub configured: Gauge,
+    /// Transitions to up.
+    pub went_up: Counter,
+    /// Transitions to down.
+    pub went_down: Counter,
+    /// Passive ejections.
+    pub ejections: Counter,
+    /// Probes that passed.
+    pub checks_ok: Counter,
+    /// Probes that failed.
+    pub checks_failed: Counter,
 }
 
 /// The DSR handles ([`Metrics::dsr`]).
@@ -560,6 +642,32 @@ fn describe(r: &PrometheusRecorder) {
             "Admin connections ended, by result (evicted, header_timeout, ...).",
         ),
         d(
+            BACKEND_TRANSITIONS,
+            None,
+            "Backend health transitions, by the state entered.",
+        ),
+        d(
+            BACKEND_EJECTIONS,
+            None,
+            "Backends ejected after consecutive client connect failures.",
+        ),
+        d(HEALTH_CHECKS, None, "Active health probes, by result."),
+        d(
+            CONFIG_RELOADS,
+            None,
+            "Config file reloads (SIGHUP), by result; a failed one keeps the old table.",
+        ),
+        d(
+            ADMIN_CHANGES,
+            None,
+            "Membership changes through the admin API, by result.",
+        ),
+        d(
+            OWNER_CHANGE_CLOSED,
+            None,
+            "Connections reset because their key changed owner (policy close).",
+        ),
+        d(
             DSR_HANDOFFS,
             None,
             "DSR hand-offs, by result: ok, or why the connection was spliced instead.",
@@ -608,6 +716,21 @@ fn describe(r: &PrometheusRecorder) {
             "Splice pipes allowed at once (--max-pipes).",
         ),
         d(FD_LIMIT, None, "Soft limit on open file descriptors."),
+        d(
+            BACKEND_UP,
+            None,
+            "1 while the backend passes its health checks, 0 while down.",
+        ),
+        d(
+            BACKEND_CONFIGURED,
+            None,
+            "1 while the backend is in the membership, 0 once removed.",
+        ),
+        d(
+            ROUTING_PANIC,
+            None,
+            "1 while too many backends are down and health is ignored.",
+        ),
         d(
             DSR_FLOWS_ACTIVE,
             None,

@@ -18,11 +18,10 @@ use tokio::time::{timeout, Instant};
 
 use super::sockopt::set_stream_options;
 use super::Shared;
-use crate::config::MAX_TRIES;
+use crate::config::{Failover, MAX_TRIES};
 use crate::error::ConnError;
 use crate::metrics::ConnectFailure;
-use crate::routing::KeyDigest;
-use crate::routing::RoutingTable;
+use crate::routing::{ActiveSlot, Health, KeyDigest, RoutingTable};
 
 /// Why one connect attempt failed, by whose fault.
 #[derive(Debug)]
@@ -33,20 +32,40 @@ pub(crate) enum OpenError {
     Backend(io::Error),
 }
 
-/// Connects to the first reachable backend in the key's rank order, never trying one twice,
-/// and delivers `preamble` to it. A backend that fails before it took the preamble is
-/// failed over: no byte of this client reached it.
+/// Connects to the first reachable backend in the key's order, never trying one twice, and
+/// delivers `preamble` to it (after a PROXY v2 header when the backend wants one, built for
+/// `client`). A backend that fails before it took the preamble is failed over: no byte of
+/// this client reached it.
+///
+/// Health applies: a backend marked down is skipped (its keys go to their next choice,
+/// exactly as if it had been tried and failed), unless the table is in panic. With
+/// `failover = "none"` the key goes to its owner or nowhere: a down owner fails fast. A
+/// backend at its `max_connections` fails the connection at once (`backend_full`), never
+/// moving the key. The returned slot holds the connection's place in the backend's cap.
 pub(super) async fn connect(
     shared: &Shared,
     table: &RoutingTable,
     digest: KeyDigest,
     preamble: &[u8],
-) -> Result<(usize, TcpStream), (ConnError, Option<Arc<str>>)> {
-    let tries = (shared.config.effective_tries() as usize).min(MAX_TRIES as usize);
+    client: &TcpStream,
+) -> Result<(usize, TcpStream, ActiveSlot), (ConnError, Option<Arc<str>>)> {
+    let cfg = &shared.config;
+    let tries = (cfg.effective_tries() as usize).min(MAX_TRIES as usize);
     let mut tried = [usize::MAX; MAX_TRIES as usize];
     let mut n = 0;
     while n < tries {
-        let Some(index) = table.router.pick_excluding(digest, &tried[..n]) else {
+        let picked = match cfg.failover {
+            Failover::Next => table.pick(digest, &tried[..n]),
+            Failover::None => match table.owner(digest) {
+                Some(i)
+                    if !table.in_panic() && table.backends[i].state.health() == Health::Down =>
+                {
+                    return Err((ConnError::BackendDown, Some(table.backends[i].name.clone())))
+                }
+                owner => owner,
+            },
+        };
+        let Some(index) = picked else {
             break;
         };
         if n > 0 {
@@ -56,11 +75,24 @@ pub(super) async fn connect(
         tried[n] = index;
         n += 1;
         let be = &table.backends[index];
+        let Some(slot) = be.state.try_reserve(be.max_connections) else {
+            return Err((ConnError::BackendFull, Some(be.name.clone())));
+        };
+        let header = if be.proxy_protocol {
+            match super::proxy_protocol::header(client) {
+                Ok(h) => Some(h),
+                Err(e) => return Err((ConnError::Local(e), None)),
+            }
+        } else {
+            None
+        };
         let started = Instant::now();
-        let failure = match timeout(shared.config.connect_timeout, open(be.addr, preamble)).await {
+        let attempt = open_with(be.addr, header.as_deref(), preamble);
+        let failure = match timeout(cfg.connect_timeout, attempt).await {
             Ok(Ok(stream)) => {
                 be.metrics.connected(started.elapsed());
-                return Ok((index, stream));
+                be.state.connect_succeeded();
+                return Ok((index, stream, slot));
             }
             Ok(Err(OpenError::Local(e))) => return Err((ConnError::Local(e), None)),
             Ok(Err(OpenError::Backend(e))) if e.kind() == io::ErrorKind::ConnectionRefused => {
@@ -70,6 +102,7 @@ pub(super) async fn connect(
             Err(_) => ConnectFailure::Timeout,
         };
         be.metrics.connect_failed(failure);
+        be.state.connect_failed(cfg.health.eject_after);
     }
     match n {
         0 => Err((ConnError::NoBackend, None)),
@@ -80,6 +113,23 @@ pub(super) async fn connect(
             },
             Some(table.backends[tried[tries - 1]].name.clone()),
         )),
+    }
+}
+
+/// [`open`] with an optional PROXY header sent before `preamble` (one write when both fit).
+async fn open_with(
+    addr: SocketAddr,
+    proxy_header: Option<&[u8]>,
+    preamble: &[u8],
+) -> Result<TcpStream, OpenError> {
+    match proxy_header {
+        None => open(addr, preamble).await,
+        Some(h) => {
+            let mut both = Vec::with_capacity(h.len() + preamble.len());
+            both.extend_from_slice(h);
+            both.extend_from_slice(preamble);
+            open(addr, &both).await
+        }
     }
 }
 

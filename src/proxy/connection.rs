@@ -27,7 +27,6 @@ use super::sockopt::set_reset_on_close;
 use super::Shared;
 use crate::error::{ConnError, Side};
 use crate::header::{HeaderError, HeaderFormat, HeaderMode, Parse};
-use crate::metrics::ActiveGuard;
 use crate::routing::KeyDigest;
 
 /// Bytes read from a new client before its header length is known: a slow client holds
@@ -154,19 +153,18 @@ async fn phases(
     let connected = Box::pin(async {
         tokio::select! {
             biased;
-            r = connect(shared, &table, KeyDigest::of(key), preamble) => r,
+            r = connect(shared, &table, KeyDigest::of(key), preamble, client) => r,
             () = kill.cancelled() => Err((ConnError::Shutdown, None)),
         }
     })
     .await;
-    let (index, backend) = connected.inspect_err(|(e, _)| {
+    let (index, backend, _slot) = connected.inspect_err(|(e, _)| {
         if let ConnError::Shutdown = e {
             set_reset_on_close(client);
         }
     })?;
     let be = &table.backends[index];
     let name = be.name.clone();
-    let _backend_active = ActiveGuard::new(be.metrics.active.clone());
     be.metrics.bytes_to_backend.increment(preamble.len() as u64);
     let forwarded = (head.filled - start) as u64;
     drop(buf); // nothing of the header phase lives on into a long connection
@@ -231,7 +229,7 @@ async fn hand_off(
         return Ok(None);
     }
     let table = shared.table.load();
-    let Some(index) = table.router.pick_excluding(KeyDigest::of(key), &[]) else {
+    let Some(index) = table.pick(KeyDigest::of(key), &[]) else {
         return Ok(None);
     };
     let be = &table.backends[index];

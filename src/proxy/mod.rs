@@ -16,6 +16,7 @@ mod handle;
 mod io;
 mod listener;
 mod pipe;
+mod proxy_protocol;
 pub mod sockopt;
 
 use std::net::SocketAddr;

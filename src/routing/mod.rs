@@ -23,7 +23,7 @@ use rendezvous_hash::{Capacity, IdNode, Node, RendezvousNodes, WeightedNode};
 use xxhash_rust::xxh3::Xxh3;
 
 pub use hasher::{raw_score, KeyDigest, NodeId, StableNodeHasher};
-pub use table::{Backend, RoutingTable};
+pub use table::{ActiveSlot, Backend, BackendState, Health, RoutingTable};
 
 /// Largest weight a node may have.
 pub const MAX_WEIGHT: u32 = 1_000_000;
@@ -143,11 +143,19 @@ impl Router {
     /// The best node for a key digest that is not in `exclude` (indices already tried).
     /// O(n · |exclude|), no allocation; the same order as [`Router::rank`].
     pub fn pick_excluding(&self, digest: KeyDigest, exclude: &[usize]) -> Option<usize> {
+        self.pick_where(digest, |index| !exclude.contains(&index))
+    }
+
+    /// The best node for a key digest among those `usable` accepts (by index). One pass over
+    /// the nodes, no allocation; the same order as [`Router::rank`] with the others left
+    /// out — so a key whose best node is left out goes to its next choice, and no other key
+    /// moves.
+    pub fn pick_where(&self, digest: KeyDigest, usable: impl Fn(usize) -> bool) -> Option<usize> {
         let hasher = StableNodeHasher;
         let mut best: Option<(_, &NodeId)> = None;
         for member in self.members.iter() {
             let id: &NodeId = member.node_id();
-            if exclude.contains(&id.index()) {
+            if !usable(id.index()) {
                 continue;
             }
             let score = member.hash_code(&hasher, &digest);
