@@ -224,9 +224,10 @@ pub(crate) async fn run_admin(
     metrics: impl Exposition,
     header_timeout: Duration,
     stop: CancellationToken,
+    api: Router,
 ) {
     let counters = Arc::new(Counters::new(&metrics));
-    let app = router(metrics);
+    let app = router(metrics).merge(api);
     let slots = Arc::new(Slots::new());
     let tracker = TaskTracker::new();
     let mut next_id: u64 = 0;

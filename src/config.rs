@@ -168,7 +168,7 @@ impl fmt::Display for BackendSpec {
     }
 }
 
-fn resolve(text: &str) -> Result<SocketAddr, String> {
+pub(crate) fn resolve(text: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = text.parse() {
         return Ok(addr);
     }

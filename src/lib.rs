@@ -10,6 +10,8 @@
 //!   and the [`RoutingTable`](routing::RoutingTable) snapshot the data path reads (router +
 //!   addresses).
 //! - [`proxy`]: listener, connection phases, splice forwarding, socket options.
+//! - [`control`]: the control plane — membership changes (admin API, SIGHUP reload),
+//!   health checks, drains — validated, then swapped in whole.
 //! - [`metrics`]: metric names in one place and the handles the data path bumps.
 //! - `admin`: `/metrics` and `/healthz` over HTTP.
 //! - [`dsr`]: direct server return: the proxy's hand-off, the agent, and their parts
@@ -30,6 +32,7 @@
 mod admin;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod dsr;
 pub mod error;
 #[doc(hidden)]

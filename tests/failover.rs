@@ -137,6 +137,20 @@ fn backend_connections(b: &str) -> String {
 
 const CONNECT_FAILED: &str = "shardproxy_connection_errors_total{reason=\"connect_failed\"}";
 
+/// [`start_proxy`] with health checking off: these tests count the connect attempts the
+/// routing implies, which an ejection (tests/control_plane.rs covers it) would cut short.
+async fn start_without_health(
+    backends: Vec<BackendSpec>,
+    tweak: impl FnOnce(&mut shardproxy::ProxyConfig),
+) -> ProxyHandle {
+    start_proxy(backends, |c| {
+        c.health.active = false;
+        c.health.eject_after = 0;
+        tweak(c);
+    })
+    .await
+}
+
 /// Echo backends b1 and b3 around a b2 that refuses connections, behind a proxy configured
 /// by `tweak`.
 async fn b2_refusing(
@@ -144,7 +158,7 @@ async fn b2_refusing(
 ) -> (EchoBackend, EchoBackend, ProxyHandle) {
     let b1 = EchoBackend::start(any_port(), "b1").await.unwrap();
     let b3 = EchoBackend::start(any_port(), "b3").await.unwrap();
-    let proxy = start_proxy(
+    let proxy = start_without_health(
         vec![
             spec("b1", b1.local_addr()),
             spec("b2", refusing_addr()),
@@ -221,7 +235,7 @@ async fn failover_never_tries_a_node_twice_and_stops_at_max_tries() {
     assert!(last_resort > 50, "{last_resort}");
 
     for max_tries in [3u32, 2, 1] {
-        let proxy = start_proxy(members.clone(), |c| c.max_tries = max_tries).await;
+        let proxy = start_without_health(members.clone(), |c| c.max_tries = max_tries).await;
         let got = attempt_all(proxy.local_addr(), &keys).await;
         let (mut refused_b2, mut refused_b3, mut failed) = (0, 0, 0);
         for (i, k) in keys.iter().enumerate() {
@@ -374,7 +388,7 @@ async fn an_owner_that_never_answers_times_out_and_its_keys_fail_over() {
     };
     let b1 = EchoBackend::start(any_port(), "b1").await.unwrap();
     let b3 = EchoBackend::start(any_port(), "b3").await.unwrap();
-    let proxy = start_proxy(
+    let proxy = start_without_health(
         vec![
             spec("b1", b1.local_addr()),
             spec("b2", hole),
@@ -436,7 +450,7 @@ async fn an_owner_that_never_answers_times_out_and_its_keys_fail_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_every_backend_down_the_client_is_closed_without_a_greeting() {
-    let proxy = start_proxy(
+    let proxy = start_without_health(
         vec![
             spec("b1", refusing_addr()),
             spec("b2", refusing_addr()),

@@ -49,7 +49,7 @@ pub(super) async fn connect(
     preamble: &[u8],
     client: &TcpStream,
 ) -> Result<(usize, TcpStream, ActiveSlot), (ConnError, Option<Arc<str>>)> {
-    let cfg = &shared.config;
+    let cfg = shared.config.load_full();
     let tries = (cfg.effective_tries() as usize).min(MAX_TRIES as usize);
     let mut tried = [usize::MAX; MAX_TRIES as usize];
     let mut n = 0;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use nix::sys::socket::{recv, MsgFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::time::{timeout, Instant};
+use tokio::time::{timeout, Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
@@ -25,6 +25,7 @@ use super::forward::{Activity, Forward, ForwardOptions, Transfer};
 use super::io::recv_draining;
 use super::sockopt::set_reset_on_close;
 use super::Shared;
+use crate::config::OwnerChange;
 use crate::error::{ConnError, Side};
 use crate::header::{HeaderError, HeaderFormat, HeaderMode, Parse};
 use crate::routing::KeyDigest;
@@ -90,7 +91,7 @@ async fn phases(
     kill: &CancellationToken,
     pending: PendingHeader,
 ) -> Outcome {
-    let cfg = &shared.config;
+    let cfg = shared.config.load_full();
     let fmt = cfg.header;
 
     // Phase 0 (with --dsr): peek the header and hand the connection off if its backend has
@@ -149,11 +150,12 @@ async fn phases(
         HeaderMode::Strip => head.consumed,
     };
     let preamble = &buf[start..head.filled];
+    let digest = KeyDigest::of(key);
     let table = shared.table.load_full();
     let connected = Box::pin(async {
         tokio::select! {
             biased;
-            r = connect(shared, &table, KeyDigest::of(key), preamble, client) => r,
+            r = connect(shared, &table, digest, preamble, client) => r,
             () = kill.cancelled() => Err((ConnError::Shutdown, None)),
         }
     })
@@ -171,19 +173,37 @@ async fn phases(
 
     // Phase 4: forward both ways.
     let activity = Activity::new();
+    let options = ForwardOptions {
+        idle_timeout: cfg.idle_timeout,
+        splice: cfg.splice,
+    };
+    let owner_change = cfg.owner_change;
+    drop(cfg); // a reload's new settings are for new connections
     let mut forward = Forward::new(
         client,
         &backend,
         &be.metrics.bytes_to_backend,
         &be.metrics.bytes_to_client,
-        ForwardOptions {
-            idle_timeout: cfg.idle_timeout,
-            splice: cfg.splice,
-        },
+        options,
         shared.metrics.splice_fallbacks(),
         &activity,
     );
-    match forward.run(kill).await {
+    let forwarded_result = match owner_change {
+        OwnerChange::Keep => forward.run(kill).await,
+        // Boxed: only connections under this policy carry the watcher's state.
+        OwnerChange::Close { grace } => {
+            Box::pin(forward_watched(
+                shared,
+                &mut forward,
+                kill,
+                digest,
+                name.clone(),
+                grace,
+            ))
+            .await
+        }
+    };
+    match forwarded_result {
         Ok(mut t) => {
             t.to_backend += forwarded;
             Ok((name, t))
@@ -200,6 +220,49 @@ async fn phases(
     }
 }
 
+/// Forwards until done, or until the key's owner has moved away from `backend` for `grace`
+/// (owner-change policy `close`): then the forwarder is cut as at the drain deadline and the
+/// connection ends with [`ConnError::OwnerChanged`] (and is reset, as every cut one is).
+async fn forward_watched(
+    shared: &Shared,
+    forward: &mut Forward<'_>,
+    kill: &CancellationToken,
+    digest: KeyDigest,
+    backend: Arc<str>,
+    grace: Duration,
+) -> Result<Transfer, ConnError> {
+    let cut = kill.child_token();
+    let mut run = std::pin::pin!(forward.run(&cut));
+    tokio::select! {
+        r = run.as_mut() => r,
+        () = owner_moved(shared, digest, backend, grace) => {
+            cut.cancel();
+            let _ = run.await;
+            shared.metrics.owner_change_closed();
+            Err(ConnError::OwnerChanged)
+        }
+    }
+}
+
+/// Resolves once `backend` has stopped being where the key's new connections go and stayed
+/// so for `grace` (a key that moves back within the grace keeps its connection).
+async fn owner_moved(shared: &Shared, digest: KeyDigest, backend: Arc<str>, grace: Duration) {
+    let mut epochs = shared.routing_epoch.subscribe();
+    loop {
+        if epochs.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if crate::control::owns(shared, digest, &backend) {
+            continue;
+        }
+        tokio::time::sleep(grace).await;
+        epochs.borrow_and_update();
+        if !crate::control::owns(shared, digest, &backend) {
+            return;
+        }
+    }
+}
+
 /// The DSR phase: peeks the key header (under the header deadline) and, if the key's first
 /// choice has an agent and the key is one to hand off, hands the connection to it. `Ok(Some)`
 /// names the backend that now owns the connection (the socket is in repair mode: close it
@@ -210,7 +273,7 @@ async fn hand_off(
     client: &TcpStream,
     kill: &CancellationToken,
 ) -> Result<Option<Arc<str>>, ConnError> {
-    let cfg = &shared.config;
+    let cfg = shared.config.load_full();
     let fmt = cfg.header;
     let mut buf = Vec::new();
     let head = tokio::select! {

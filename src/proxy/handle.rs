@@ -2,7 +2,6 @@
 //! swaps, graceful shutdown) and the worker threads that serve connections.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -13,12 +12,15 @@ use tracing::{error, info, warn};
 
 use super::Shared;
 use crate::config::BackendSpec;
-use crate::error::Error;
+use crate::control::{Control, ControlError};
+use crate::error::{ConfigError, Error};
 use crate::routing::RoutingTable;
 
 /// A running proxy. Dropping it stops accepting and closes connections at once; call
 /// [`ProxyHandle::shutdown`] for a graceful drain.
 pub struct ProxyHandle {
+    /// The control plane (membership changes, health).
+    pub(super) control: Arc<Control>,
     /// The client-facing address (resolved if the port was 0).
     pub(super) local_addr: SocketAddr,
     /// The admin listener's address, if any.
@@ -106,15 +108,18 @@ impl ProxyHandle {
     /// route on the new table. On error (an empty set, a duplicate or empty name, a weight
     /// out of range) the old table stays.
     pub fn set_backends(&self, backends: &[BackendSpec]) -> Result<u64, Error> {
-        let generation = self.shared.next_generation.fetch_add(1, Ordering::Relaxed);
-        let table = RoutingTable::build(backends, generation, &self.shared.metrics)?;
-        self.shared.table.store(Arc::new(table));
-        info!(
-            generation,
-            backends = backends.len(),
-            "routing table replaced"
-        );
-        Ok(generation)
+        self.control.replace(backends).map_err(|e| match e {
+            ControlError::Invalid(e) => Error::Config(e),
+            ControlError::NotFound(name) => Error::Config(ConfigError::Invalid {
+                field: "backend",
+                why: format!("no backend named {name:?}"),
+            }),
+        })
+    }
+
+    /// The control plane: the admin API's operations (put, delete, drain, route, reload).
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
     }
 
     /// Stops accepting, waits up to the drain timeout for connections to finish, then
@@ -122,7 +127,7 @@ impl ProxyHandle {
     pub async fn shutdown(mut self) -> usize {
         self.stop.cancel();
         self.tracker.close();
-        let drain = self.shared.config.drain_timeout;
+        let drain = self.shared.config.load().drain_timeout;
         let open = self.tracker.len();
         if open > 0 {
             info!(open, ?drain, "draining connections");

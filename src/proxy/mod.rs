@@ -20,7 +20,6 @@ mod proxy_protocol;
 pub mod sockopt;
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -40,6 +39,7 @@ pub(crate) use pipe::{limit as pipe_limit, open_count as pipes_open};
 
 use crate::admin;
 use crate::config::ProxyConfig;
+use crate::control::Control;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::routing::RoutingTable;
@@ -52,8 +52,8 @@ const FD_RESERVE: u64 = admin::ADMIN_MAX_FDS as u64 + 64;
 
 /// State shared by the accept loop and every connection task.
 pub(crate) struct Shared {
-    /// The validated configuration.
-    pub config: ProxyConfig,
+    /// The validated configuration; a reload swaps in one with the live settings changed.
+    pub config: ArcSwap<ProxyConfig>,
     /// The routing snapshot; replaced whole, read lock-free.
     pub table: ArcSwap<RoutingTable>,
     /// Metric handles.
@@ -64,8 +64,9 @@ pub(crate) struct Shared {
     pub admission: Arc<admission::Admission>,
     /// Direct server return, with `--dsr`.
     pub dsr: Option<Arc<crate::dsr::handoff::Dsr>>,
-    /// Generation of the next table.
-    next_generation: AtomicU64,
+    /// Bumped whenever routing may have changed (a new table, a health transition): what
+    /// connections under the owner-change policy `close` wait on.
+    pub routing_epoch: tokio::sync::watch::Sender<u64>,
 }
 
 /// Validates `config`, binds, and starts serving on the current tokio runtime.
@@ -124,10 +125,11 @@ pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<Pro
         )),
         table: ArcSwap::from_pointee(table),
         metrics: metrics.clone(),
-        next_generation: AtomicU64::new(2),
+        routing_epoch: tokio::sync::watch::Sender::new(0),
         dsr,
-        config,
+        config: ArcSwap::from_pointee(config),
     });
+    let control = Control::start(shared.clone(), stop.clone());
     let kill = CancellationToken::new();
     let tracker = TaskTracker::new();
     let mut tasks = Vec::new();
@@ -161,15 +163,26 @@ pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<Pro
         stop.clone(),
     )));
     if let Some(l) = admin_listener {
-        let header_timeout = shared.config.admin_header_timeout;
+        let config = shared.config.load();
+        let token = match &config.admin_token_file {
+            Some(path) => Some(crate::config::read_token(path).map_err(|why| {
+                Error::Config(crate::error::ConfigError::Invalid {
+                    field: "--admin-token-file",
+                    why,
+                })
+            })?),
+            None => None,
+        };
         tasks.push(tokio::spawn(admin::run_admin(
             l,
             metrics,
-            header_timeout,
+            config.admin_header_timeout,
             stop.clone(),
+            crate::control::api::routes(control.clone(), token),
         )));
     }
     Ok(ProxyHandle {
+        control,
         local_addr,
         admin_addr,
         shared,
@@ -312,9 +325,9 @@ impl Shared {
             admission: Arc::new(admission::Admission::new(1, 1, metrics.clone())),
             table: ArcSwap::from_pointee(table),
             metrics,
-            next_generation: AtomicU64::new(2),
+            routing_epoch: tokio::sync::watch::Sender::new(0),
             dsr: None,
-            config,
+            config: ArcSwap::from_pointee(config),
         }
     }
 }

@@ -236,6 +236,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
             metrics.clone(),
             crate::config::DEFAULT_ADMIN_HEADER_TIMEOUT,
             stop.clone(),
+            axum::Router::new(),
         )));
     }
     Ok(AgentHandle {
