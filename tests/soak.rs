@@ -1,0 +1,182 @@
+//! Soak: 100,000 connections through a `shardproxy run` process while its membership changes
+//! every second through the admin API (a fifth backend added, drained, deleted, in turn).
+//! Every connection must succeed, and afterwards the process's open fds and resident memory
+//! must be back near the baseline measured after a warm-up: nothing leaks per connection or
+//! per table swap.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use shardproxy::fixtures::client::round_trip;
+use shardproxy::fixtures::echo::EchoBackend;
+use shardproxy::HeaderFormat;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const CONNECTIONS: usize = 100_000;
+const CONCURRENCY: usize = 32;
+
+/// The proxy process, killed (by PID) if the test ends early.
+struct Proxy(Child);
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proxy {
+    fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.0.id()))
+            .expect("read the proxy's fd table")
+            .count()
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmRSS")
+    }
+}
+
+/// One admin request; returns the status code.
+async fn admin(addr: SocketAddr, method: &str, path: &str, body: &str) -> u16 {
+    let mut s = TcpStream::connect(addr).await.expect("connect admin");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("send");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.expect("read");
+    resp.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_and_membership_changes_leave_no_fds_or_memory_behind() {
+    let backends = echo_backends(4).await;
+    let fifth = EchoBackend::start(any_port(), "b5").await.unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardproxy"));
+    cmd.args([
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+    ]);
+    for b in specs(&backends) {
+        cmd.arg("--backend").arg(b.to_string());
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start shardproxy");
+    let stdout = child.stdout.take().unwrap();
+    let proxy = Proxy(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (listen, admin_addr): (SocketAddr, SocketAddr) = match words.as_slice() {
+        ["listening", "on", l, "admin", a] => (l.parse().unwrap(), a.parse().unwrap()),
+        _ => panic!("unexpected ready line {line:?}"),
+    };
+    let fmt = HeaderFormat::default();
+    let keys = Arc::new(keys(5000));
+
+    // Warm-up: pools, buffers and runtime structures reach their working size.
+    let warm = run_bounded(5000, CONCURRENCY, |i| {
+        let keys = keys.clone();
+        async move {
+            round_trip(listen, &fmt, &keys[i % keys.len()], b"warm")
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    assert!(warm.iter().all(|ok| *ok), "warm-up connections failed");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (fds0, rss0) = (proxy.open_fds(), proxy.rss_kib());
+
+    // Membership changes every second while the connections run.
+    let done = Arc::new(AtomicBool::new(false));
+    let changes = Arc::new(AtomicU64::new(0));
+    let changer = {
+        let (done, changes) = (done.clone(), changes.clone());
+        let b5 = format!("{{\"addr\":\"{}\",\"weight\":1}}", fifth.local_addr());
+        tokio::spawn(async move {
+            let steps: [(&str, &str, &str); 4] = [
+                ("PUT", "/backends/b5", &b5),
+                ("POST", "/backends/b5/drain", ""),
+                ("POST", "/backends/b5/undrain", ""),
+                ("DELETE", "/backends/b5", ""),
+            ];
+            let mut i = 0;
+            while !done.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let (method, path, body) = steps[i % steps.len()];
+                let status = admin(admin_addr, method, path, body).await;
+                assert!(matches!(status, 200 | 201), "{method} {path}: {status}");
+                changes.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        })
+    };
+    let results = run_bounded(CONNECTIONS, CONCURRENCY, |i| {
+        let keys = keys.clone();
+        async move {
+            round_trip(listen, &fmt, &keys[i % keys.len()], b"soak")
+                .await
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await;
+    done.store(true, Ordering::Relaxed);
+    changer.await.expect("membership changes all answered 2xx");
+    let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {CONNECTIONS} connections failed, e.g. {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let changes = changes.load(Ordering::Relaxed);
+    assert!(changes >= 3, "only {changes} membership changes ran");
+
+    // Closed connections' sockets and pipes are released; give the workers a moment.
+    let mut settled = (proxy.open_fds(), proxy.rss_kib());
+    for _ in 0..50 {
+        if settled.0 <= fds0 + 8 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        settled = (proxy.open_fds(), proxy.rss_kib());
+    }
+    let (fds1, rss1) = settled;
+    eprintln!(
+        "soak: {CONNECTIONS} connections, {changes} membership changes; fds {fds0} -> {fds1}, \
+         RSS {rss0} KiB -> {rss1} KiB"
+    );
+    assert!(fds1 <= fds0 + 8, "fds grew from {fds0} to {fds1}");
+    assert!(
+        rss1 <= rss0 + rss0 / 2 + 8 * 1024,
+        "RSS grew from {rss0} KiB to {rss1} KiB"
+    );
+}
