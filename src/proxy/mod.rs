@@ -315,6 +315,26 @@ fn log_settings(
         max_pipe_size = pipe::MAX_PIPE_SIZE,
         "shardproxy started; limits and timeouts in force"
     );
+    let h = &config.health;
+    info!(
+        active = h.active,
+        interval = ?h.interval,
+        jitter = h.jitter,
+        timeout = ?h.timeout,
+        fall = h.fall,
+        rise = h.rise,
+        send = h.send.is_some(),
+        expect = h.expect.is_some(),
+        eject_after = h.eject_after,
+        eject_time = ?h.eject_time,
+        max_eject_time = ?h.max_eject_time,
+        max_down_share = h.max_down_share,
+        owner_change = ?config.owner_change,
+        source_rate = ?config.source_rate,
+        proxy_protocol = config.proxy_protocol,
+        admin_token = config.admin_token_file.is_some(),
+        "health checks and control-plane settings in force"
+    );
 }
 #[cfg(test)]
 impl Shared {
