@@ -116,9 +116,7 @@ impl FromStr for BackendSpec {
                         "v2" => true,
                         "none" => false,
                         other => {
-                            return Err(bad(&format!(
-                                "proxy_protocol {other:?} is not v2 or none"
-                            )))
+                            return Err(bad(&format!("proxy_protocol {other:?} is not v2 or none")))
                         }
                     });
                 }
@@ -170,7 +168,9 @@ impl fmt::Display for BackendSpec {
     }
 }
 
-fn resolve(text: &str) -> Result<SocketAddr, String> {
+/// Resolves `HOST:PORT` (an IP address, or a name looked up once, first answer): the
+/// address form `--backend` and the config file accept.
+pub fn resolve(text: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = text.parse() {
         return Ok(addr);
     }
@@ -529,7 +529,10 @@ impl ProxyConfig {
             );
         }
         if !(0.0..=0.5).contains(&h.jitter) {
-            return invalid("health.jitter", format!("{} is not within 0.0..=0.5", h.jitter));
+            return invalid(
+                "health.jitter",
+                format!("{} is not within 0.0..=0.5", h.jitter),
+            );
         }
         if h.fall == 0 || h.rise == 0 {
             return invalid("health.fall/rise", "must be at least 1".into());
@@ -540,8 +543,12 @@ impl ProxyConfig {
                 format!("{} is not a share within 0.0..=1.0", h.max_down_share),
             );
         }
-        if h.expect.as_ref().is_some_and(|e| e.is_empty() || e.len() > 4096)
-            || h.send.as_ref().is_some_and(|s| s.is_empty() || s.len() > 4096)
+        if h.expect
+            .as_ref()
+            .is_some_and(|e| e.is_empty() || e.len() > 4096)
+            || h.send
+                .as_ref()
+                .is_some_and(|s| s.is_empty() || s.len() > 4096)
         {
             return invalid("health.send/expect", "must be 1 to 4096 bytes".into());
         }

@@ -9,7 +9,7 @@ mod demo;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::CommandFactory;
 use shardproxy::cli::{self, Cli, Command};
 use shardproxy::dsr::agent::AgentError;
 use shardproxy::proxy::sockopt::raise_fd_limit;
@@ -18,7 +18,12 @@ use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse(); // bad flags: clap prints the fix and exits 2
+    // Bad flags: clap prints the fix and exits 2. Through ArgMatches so that `run` knows
+    // which flags were given explicitly (they override the --config file).
+    let cli = match Cli::from_matches(&Cli::command().get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.format(&mut Cli::command()).exit(),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| {
             EnvFilter::new(match cli.command {
@@ -56,6 +61,7 @@ async fn dispatch(command: Command) -> ExitCode {
     match command {
         Command::Run(args) => run(args).await,
         Command::Route(args) => route(args),
+        Command::Check(args) => check(&args),
         Command::Demo(args) => {
             let opts = demo::DemoOptions {
                 keys: args.keys,
@@ -83,10 +89,17 @@ async fn run(args: cli::RunArgs) -> ExitCode {
     let Some(mut signals) = Signals::install() else {
         return ExitCode::FAILURE;
     };
-    let workers = args.workers.map(usize::from).unwrap_or_else(|| {
+    let (config, workers) = match args.resolve() {
+        Ok(resolved) => resolved,
+        Err(e) => {
+            eprintln!("shardproxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let workers = workers.map(usize::from).unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
-    let proxy = match shardproxy::start_with(args.config(), Workers::Threads(workers)).await {
+    let proxy = match shardproxy::start_with(config, Workers::Threads(workers)).await {
         Ok(p) => p,
         Err(shardproxy::Error::Config(e)) => {
             eprintln!("shardproxy: {e}");
@@ -112,6 +125,20 @@ async fn run(args: cli::RunArgs) -> ExitCode {
         () = signals.recv() => {
             warn!("second signal during the drain: exiting now, cutting open connections");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `check FILE`: the one-line summary and 0, or the error (file:line:col: key: fix) and 2.
+fn check(args: &cli::CheckArgs) -> ExitCode {
+    match shardproxy::config_file::load(&args.file) {
+        Ok(file) => {
+            println!("{}: {}", args.file.display(), file.summary());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("shardproxy: {e}");
+            ExitCode::from(2)
         }
     }
 }
