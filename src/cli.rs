@@ -680,6 +680,99 @@ mod tests {
     }
 
     #[test]
+    fn control_flags_map_onto_config() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec![
+                "shardproxy",
+                "run",
+                "--listen",
+                "127.0.0.1:7000",
+                "--backend",
+                "b1=127.0.0.1:9001",
+            ];
+            args.extend_from_slice(extra);
+            match Cli::try_parse_explicit(args).unwrap().command {
+                Command::Run(run) => run,
+                _ => panic!("not run"),
+            }
+        };
+        let c = parse(&[]).config().unwrap();
+        assert_eq!(c.health, crate::config::HealthConfig::default());
+        assert_eq!((c.owner_change, c.source_rate), (OwnerChange::Keep, None));
+        assert!(!c.proxy_protocol && c.admin_token_file.is_none());
+        let run = parse(&[
+            "--health-interval",
+            "500ms",
+            "--health-timeout",
+            "200ms",
+            "--health-fall",
+            "5",
+            "--health-rise",
+            "4",
+            "--no-health",
+            "--eject-after",
+            "0",
+            "--max-down-share",
+            "0.25",
+            "--owner-change",
+            "close",
+            "--owner-change-grace",
+            "10s",
+            "--source-rate",
+            "12.5",
+            "--source-burst",
+            "30",
+            "--proxy-protocol",
+            "v2",
+            "--admin-token-file",
+            "/etc/token",
+        ]);
+        let c = run.config().unwrap();
+        let h = &c.health;
+        assert!(!h.active);
+        assert_eq!(
+            (h.interval, h.timeout, h.fall, h.rise, h.eject_after),
+            (
+                Duration::from_millis(500),
+                Duration::from_millis(200),
+                5,
+                4,
+                0
+            )
+        );
+        assert_eq!(h.max_down_share, 0.25);
+        assert_eq!(
+            c.owner_change,
+            OwnerChange::Close {
+                grace: Duration::from_secs(10)
+            }
+        );
+        assert_eq!(
+            c.source_rate,
+            Some(SourceRate {
+                per_second: 12.5,
+                burst: 30
+            })
+        );
+        assert!(c.proxy_protocol);
+        assert_eq!(c.admin_token_file, Some(PathBuf::from("/etc/token")));
+        // A grace without the close policy, a rate without a burst: refused.
+        let e = parse(&["--owner-change-grace", "5s"]).config().unwrap_err();
+        assert!(e.to_string().contains("--owner-change-grace"), "{e}");
+        assert!(Cli::try_parse_explicit([
+            "shardproxy",
+            "run",
+            "--listen",
+            "127.0.0.1:7000",
+            "--backend",
+            "b1=127.0.0.1:9001",
+            "--source-rate",
+            "5",
+        ])
+        .is_err());
+    }
+
+    #[test]
     fn hex_keys() {
         assert_eq!(decode_key("00ff", true), Ok(vec![0, 255]));
         assert!(decode_key("0", true).is_err());
