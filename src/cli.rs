@@ -1,18 +1,27 @@
-//! Command-line interface (clap): `run`, `route`, `demo`, `backend`, `client`.
+//! Command-line interface (clap): `run`, `check`, `route`, `demo`, `backend`, `client`,
+//! `agent`.
 //!
 //! Parsing only: every flag maps onto [`ProxyConfig`] or a subcommand's options, values are
 //! checked as they are parsed, and a bad flag gets clap's message and exit code 2.
+//! `run --config FILE` starts from the file ([`crate::config_file`]) and applies on top the
+//! flags given explicitly on the command line ([`Cli::from_matches`] records which):
+//! flags win.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
     parse_duration, parse_len_bytes, parse_optional_duration, BackendSpec, DsrConfig, Failover,
-    ProxyConfig, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_TRIES,
+    OwnerChange, ProxyConfig, SourceRate, DEFAULT_EJECT_AFTER, DEFAULT_HEALTH_FALL,
+    DEFAULT_HEALTH_RISE, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_DOWN_SHARE, DEFAULT_MAX_TRIES,
 };
+use crate::config_file::{ConfigFileError, FileConfig};
+use crate::error::ConfigError;
 use crate::header::{Endian, HeaderFormat, HeaderMode, LenBytes, DEFAULT_MAX_KEY_LEN};
 
 /// A Layer-4 TCP sharding proxy: routes each connection by its key header with rendezvous
@@ -25,11 +34,46 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// The command line in `m` (from `Cli::command().get_matches()`), with `run`'s flags
+    /// that were given explicitly recorded in [`RunArgs::explicit`] (so that they override
+    /// the `--config` file's values, and only they do).
+    pub fn from_matches(m: &ArgMatches) -> Result<Cli, clap::Error> {
+        let mut cli = <Cli as FromArgMatches>::from_arg_matches(m)?;
+        if let (Command::Run(run), Some(("run", sub))) = (&mut cli.command, m.subcommand()) {
+            let cmd = Cli::command();
+            if let Some(run_cmd) = cmd.find_subcommand("run") {
+                run.explicit = run_cmd
+                    .get_arguments()
+                    .map(|a| a.get_id().as_str())
+                    .filter(|id| sub.value_source(id) == Some(ValueSource::CommandLine))
+                    .map(str::to_string)
+                    .collect();
+            }
+        }
+        Ok(cli)
+    }
+
+    /// Parses `args` (the program name first) as [`Cli::from_matches`] does.
+    pub fn try_parse_explicit<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Cli::from_matches(&Cli::command().try_get_matches_from(args)?)
+    }
+}
+
 /// Subcommands.
+// Parsed once at start: the size of `RunArgs` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy.
     Run(RunArgs),
+    /// Validate a configuration file: print a one-line summary and exit 0, or print what to
+    /// fix (file, line, key) and exit 2.
+    Check(CheckArgs),
     /// Print the ranked backend names for each KEY (offline; same answer as the proxy).
     Route(RouteArgs),
     /// Start 3 demo backends and the proxy in-process, drive traffic, print what happened.
@@ -89,15 +133,46 @@ pub enum FailoverArg {
     None,
 }
 
+/// `--proxy-protocol` values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ProxyProtocolArg {
+    /// Connections to backends start with a PROXY protocol v2 header.
+    V2,
+    /// No PROXY header.
+    None,
+}
+
+/// `--owner-change` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OwnerChangeArg {
+    /// Established connections stay on their backend.
+    Keep,
+    /// Established connections are reset after `--owner-change-grace`.
+    Close,
+}
+
+/// `shardproxy check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The TOML configuration file.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+}
+
 /// `shardproxy run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Address clients connect to.
-    #[arg(long)]
-    pub listen: SocketAddr,
-    /// A backend: `NAME=HOST:PORT[,weight=N][,agent=HOST:PORT]`. Repeat for each; order does
-    /// not matter. `agent=` names the DSR agent on the backend's host.
-    #[arg(long = "backend", required = true, value_parser = parse_backend)]
+    /// TOML configuration file (docs/config.md). Flags given on the command line override
+    /// its values; `--backend` replaces its whole backend list.
+    #[arg(long = "config", value_name = "FILE")]
+    pub config_file: Option<PathBuf>,
+    /// Address clients connect to (required without --config).
+    #[arg(long, required_unless_present = "config_file")]
+    pub listen: Option<SocketAddr>,
+    /// A backend: `NAME=HOST:PORT[,weight=N][,agent=HOST:PORT][,max_connections=N]
+    /// [,proxy_protocol=v2|none]`. Repeat for each; order does not matter. `agent=` names
+    /// the DSR agent on the backend's host (required without --config).
+    #[arg(long = "backend", required_unless_present = "config_file", value_parser = parse_backend)]
     pub backends: Vec<BackendSpec>,
     /// Admin/metrics address (GET /metrics, /healthz); no admin listener if absent.
     #[arg(long)]
@@ -163,42 +238,249 @@ pub struct RunArgs {
     /// Worker threads, each with its own SO_REUSEPORT listener (default: one per core).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
+    /// Time between active health probes (TCP connects) of one backend.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub health_interval: Duration,
+    /// Time a health probe has to connect.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub health_timeout: Duration,
+    /// Consecutive failed probes that mark a backend down.
+    #[arg(long, default_value_t = DEFAULT_HEALTH_FALL)]
+    pub health_fall: u32,
+    /// Consecutive good probes that mark a down backend up again.
+    #[arg(long, default_value_t = DEFAULT_HEALTH_RISE)]
+    pub health_rise: u32,
+    /// Turn active health checks off (passive ejection still applies).
+    #[arg(long)]
+    pub no_health: bool,
+    /// Consecutive failed connects that eject a backend until a probe succeeds (0: never).
+    #[arg(long, default_value_t = DEFAULT_EJECT_AFTER)]
+    pub eject_after: u32,
+    /// Above this share of backends down, route as if all were up (0.0..=1.0).
+    #[arg(long, default_value_t = DEFAULT_MAX_DOWN_SHARE)]
+    pub max_down_share: f64,
+    /// Established connections whose key changed owner: keep them, or close them after
+    /// --owner-change-grace.
+    #[arg(long, value_enum, default_value = "keep")]
+    pub owner_change: OwnerChangeArg,
+    /// Time a connection whose key changed owner keeps running under --owner-change close.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub owner_change_grace: Duration,
+    /// New connections per second one source (IPv4 address or IPv6 /64) may open; more are
+    /// closed at once and counted (with --source-burst).
+    #[arg(long, value_name = "PER_SECOND", requires = "source_burst")]
+    pub source_rate: Option<f64>,
+    /// Connections a source may open at once above --source-rate.
+    #[arg(long, value_name = "N", requires = "source_rate")]
+    pub source_burst: Option<u32>,
+    /// Start backend connections with a PROXY protocol v2 header (backends may override).
+    #[arg(long, value_enum, default_value = "none")]
+    pub proxy_protocol: ProxyProtocolArg,
+    /// File with the admin API's bearer token (first line, at least 16 characters);
+    /// required when --admin is not on loopback.
+    #[arg(long, value_name = "PATH")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Ids of the flags given on the command line (filled by [`Cli::from_matches`]; empty
+    /// when parsed otherwise, then no flag overrides a file).
+    #[arg(skip)]
+    pub explicit: BTreeSet<String>,
+}
+
+/// Why `run`'s configuration cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum RunConfigError {
+    /// The `--config` file is unreadable or invalid.
+    #[error(transparent)]
+    File(#[from] ConfigFileError),
+    /// A flag, or a flag combined with the file, is invalid.
+    #[error(transparent)]
+    Flags(#[from] ConfigError),
 }
 
 impl RunArgs {
-    /// The proxy configuration these flags describe (not yet validated).
-    pub fn config(&self) -> ProxyConfig {
-        let mut c = ProxyConfig::new(self.listen, self.backends.clone());
-        c.admin = self.admin;
-        c.header = self.header.format();
-        c.header_timeout = self.header_timeout;
-        c.connect_timeout = self.connect_timeout;
-        c.max_tries = self.max_tries;
-        c.failover = match self.failover {
-            FailoverArg::Next => Failover::Next,
-            FailoverArg::None => Failover::None,
-        };
-        c.idle_timeout = self.idle_timeout.0;
-        c.splice = !self.no_splice;
-        c.max_connections = self.max_connections;
-        c.max_pending_headers = self.max_pending_headers;
-        c.max_pending_headers_per_source = self.max_pending_headers_per_source;
-        c.drain_timeout = self.drain_timeout;
-        c.max_pipes = self.max_pipes;
-        if self.dsr {
-            if let (Some(device), Some(secret)) = (&self.dsr_device, &self.dsr_secret_file) {
-                let mut d = DsrConfig::new(device.clone(), secret.clone());
-                d.handoff_timeout = self.dsr_handoff_timeout;
-                d.flow_timeout = self.dsr_flow_timeout;
-                d.key_prefixes = self
-                    .dsr_key_prefixes
-                    .iter()
-                    .map(|p| p.as_bytes().to_vec())
-                    .collect();
-                c.dsr = Some(d);
+    /// The proxy configuration these flags describe (not yet validated). Without
+    /// `--config`; with it, `--listen` may be absent and is then 127.0.0.1:0 (use
+    /// [`RunArgs::config_with_file`]).
+    pub fn config(&self) -> Result<ProxyConfig, ConfigError> {
+        let listen = self.listen.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
+        let mut c = ProxyConfig::new(listen, self.backends.clone());
+        self.apply(&mut c, false)?;
+        Ok(c)
+    }
+
+    /// The configuration of a freshly loaded `file` with the flags given explicitly on the
+    /// command line applied on top (flags win; `--backend` replaces the file's whole backend
+    /// list; `--listen` replaces its first listener). Call it again with the re-read file on
+    /// reload. Not yet validated as a whole.
+    pub fn config_with_file(&self, file: FileConfig) -> Result<ProxyConfig, ConfigError> {
+        let mut c = file.proxy;
+        self.apply(&mut c, true)?;
+        Ok(c)
+    }
+
+    /// Worker threads: `--workers` if given explicitly, else the file's `workers`.
+    pub fn workers_with_file(&self, file_workers: Option<u16>) -> Option<u16> {
+        if self.given("workers") {
+            self.workers
+        } else {
+            file_workers.or(self.workers)
+        }
+    }
+
+    /// `run`'s configuration and worker count: from `--config` (if given) with the explicit
+    /// flags on top, or from the flags alone. Not yet validated as a whole.
+    pub fn resolve(&self) -> Result<(ProxyConfig, Option<u16>), RunConfigError> {
+        match &self.config_file {
+            Some(path) => {
+                let file = crate::config_file::load(path)?;
+                let workers = self.workers_with_file(file.workers);
+                Ok((self.config_with_file(file)?, workers))
+            }
+            None => Ok((self.config()?, self.workers)),
+        }
+    }
+
+    fn given(&self, id: &str) -> bool {
+        self.explicit.contains(id)
+    }
+
+    /// Sets `c`'s fields from the flags: all of them, or (`only_explicit`) only those given
+    /// on the command line.
+    fn apply(&self, c: &mut ProxyConfig, only_explicit: bool) -> Result<(), ConfigError> {
+        let set = |id: &str| !only_explicit || self.given(id);
+        if set("listen") {
+            if let Some(listen) = self.listen {
+                c.listen = listen;
             }
         }
-        c
+        if set("backends") && !self.backends.is_empty() {
+            c.backends = self.backends.clone();
+        }
+        if set("admin") {
+            c.admin = self.admin;
+        }
+        let h = &self.header;
+        if set("len_bytes") {
+            c.header.len_bytes = h.len_bytes;
+        }
+        if set("little_endian") {
+            c.header.endian = h.format().endian;
+        }
+        if set("max_key_len") {
+            c.header.max_key_len = h.max_key_len;
+        }
+        if set("strip_header") {
+            c.header.mode = h.format().mode;
+        }
+        if set("header_timeout") {
+            c.header_timeout = self.header_timeout;
+        }
+        if set("connect_timeout") {
+            c.connect_timeout = self.connect_timeout;
+        }
+        if set("max_tries") {
+            c.max_tries = self.max_tries;
+        }
+        if set("failover") {
+            c.failover = match self.failover {
+                FailoverArg::Next => Failover::Next,
+                FailoverArg::None => Failover::None,
+            };
+        }
+        if set("idle_timeout") {
+            c.idle_timeout = self.idle_timeout.0;
+        }
+        if set("no_splice") {
+            c.splice = !self.no_splice;
+        }
+        if set("max_connections") {
+            c.max_connections = self.max_connections;
+        }
+        if set("max_pending_headers") {
+            c.max_pending_headers = self.max_pending_headers;
+        }
+        if set("max_pending_headers_per_source") {
+            c.max_pending_headers_per_source = self.max_pending_headers_per_source;
+        }
+        if set("drain_timeout") {
+            c.drain_timeout = self.drain_timeout;
+        }
+        if set("max_pipes") {
+            c.max_pipes = self.max_pipes;
+        }
+        if set("dsr") {
+            c.dsr = None;
+            if self.dsr {
+                if let (Some(device), Some(secret)) = (&self.dsr_device, &self.dsr_secret_file) {
+                    let mut d = DsrConfig::new(device.clone(), secret.clone());
+                    d.handoff_timeout = self.dsr_handoff_timeout;
+                    d.flow_timeout = self.dsr_flow_timeout;
+                    d.key_prefixes = self
+                        .dsr_key_prefixes
+                        .iter()
+                        .map(|p| p.as_bytes().to_vec())
+                        .collect();
+                    c.dsr = Some(d);
+                }
+            }
+        }
+        let health = &mut c.health;
+        if set("health_interval") {
+            health.interval = self.health_interval;
+        }
+        if set("health_timeout") {
+            health.timeout = self.health_timeout;
+        }
+        if set("health_fall") {
+            health.fall = self.health_fall;
+        }
+        if set("health_rise") {
+            health.rise = self.health_rise;
+        }
+        if set("no_health") {
+            health.active = !self.no_health;
+        }
+        if set("eject_after") {
+            health.eject_after = self.eject_after;
+        }
+        if set("max_down_share") {
+            health.max_down_share = self.max_down_share;
+        }
+        if set("owner_change") {
+            c.owner_change = match self.owner_change {
+                OwnerChangeArg::Keep => OwnerChange::Keep,
+                OwnerChangeArg::Close => OwnerChange::Close {
+                    grace: self.owner_change_grace,
+                },
+            };
+        }
+        if self.given("owner_change_grace") {
+            match &mut c.owner_change {
+                OwnerChange::Close { grace } => *grace = self.owner_change_grace,
+                OwnerChange::Keep => {
+                    return Err(ConfigError::Invalid {
+                        field: "--owner-change-grace",
+                        why: "applies only to --owner-change close (or owner_change.policy = \
+                              \"close\" in the config file)"
+                            .into(),
+                    })
+                }
+            }
+        }
+        if set("source_rate") {
+            if let (Some(per_second), Some(burst)) = (self.source_rate, self.source_burst) {
+                c.source_rate = Some(SourceRate { per_second, burst });
+            } else if !only_explicit {
+                c.source_rate = None;
+            }
+        }
+        if set("proxy_protocol") {
+            c.proxy_protocol = matches!(self.proxy_protocol, ProxyProtocolArg::V2);
+        }
+        if set("admin_token_file") {
+            c.admin_token_file = self.admin_token_file.clone();
+        }
+        Ok(())
     }
 }
 
@@ -384,7 +666,7 @@ mod tests {
         let Command::Run(run) = cli.command else {
             panic!("not run")
         };
-        let c = run.config();
+        let c = run.config().unwrap();
         assert_eq!(c.backends.len(), 2);
         assert_eq!(c.backends[1].weight, 2);
         assert_eq!(c.header_timeout, Duration::from_millis(250));
@@ -395,6 +677,99 @@ mod tests {
         assert_eq!(c.max_pending_headers, Some(100));
         assert_eq!(c.max_pending_headers_per_source, Some(10));
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn control_flags_map_onto_config() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec![
+                "shardproxy",
+                "run",
+                "--listen",
+                "127.0.0.1:7000",
+                "--backend",
+                "b1=127.0.0.1:9001",
+            ];
+            args.extend_from_slice(extra);
+            match Cli::try_parse_explicit(args).unwrap().command {
+                Command::Run(run) => run,
+                _ => panic!("not run"),
+            }
+        };
+        let c = parse(&[]).config().unwrap();
+        assert_eq!(c.health, crate::config::HealthConfig::default());
+        assert_eq!((c.owner_change, c.source_rate), (OwnerChange::Keep, None));
+        assert!(!c.proxy_protocol && c.admin_token_file.is_none());
+        let run = parse(&[
+            "--health-interval",
+            "500ms",
+            "--health-timeout",
+            "200ms",
+            "--health-fall",
+            "5",
+            "--health-rise",
+            "4",
+            "--no-health",
+            "--eject-after",
+            "0",
+            "--max-down-share",
+            "0.25",
+            "--owner-change",
+            "close",
+            "--owner-change-grace",
+            "10s",
+            "--source-rate",
+            "12.5",
+            "--source-burst",
+            "30",
+            "--proxy-protocol",
+            "v2",
+            "--admin-token-file",
+            "/etc/token",
+        ]);
+        let c = run.config().unwrap();
+        let h = &c.health;
+        assert!(!h.active);
+        assert_eq!(
+            (h.interval, h.timeout, h.fall, h.rise, h.eject_after),
+            (
+                Duration::from_millis(500),
+                Duration::from_millis(200),
+                5,
+                4,
+                0
+            )
+        );
+        assert_eq!(h.max_down_share, 0.25);
+        assert_eq!(
+            c.owner_change,
+            OwnerChange::Close {
+                grace: Duration::from_secs(10)
+            }
+        );
+        assert_eq!(
+            c.source_rate,
+            Some(SourceRate {
+                per_second: 12.5,
+                burst: 30
+            })
+        );
+        assert!(c.proxy_protocol);
+        assert_eq!(c.admin_token_file, Some(PathBuf::from("/etc/token")));
+        // A grace without the close policy, a rate without a burst: refused.
+        let e = parse(&["--owner-change-grace", "5s"]).config().unwrap_err();
+        assert!(e.to_string().contains("--owner-change-grace"), "{e}");
+        assert!(Cli::try_parse_explicit([
+            "shardproxy",
+            "run",
+            "--listen",
+            "127.0.0.1:7000",
+            "--backend",
+            "b1=127.0.0.1:9001",
+            "--source-rate",
+            "5",
+        ])
+        .is_err());
     }
 
     #[test]

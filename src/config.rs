@@ -168,7 +168,9 @@ impl fmt::Display for BackendSpec {
     }
 }
 
-pub(crate) fn resolve(text: &str) -> Result<SocketAddr, String> {
+/// Resolves `HOST:PORT` (an IP address, or a name looked up once, first answer): the
+/// address form `--backend` and the config file accept.
+pub fn resolve(text: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = text.parse() {
         return Ok(addr);
     }

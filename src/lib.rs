@@ -5,6 +5,7 @@
 //!
 //! Modules, in the order a connection meets them:
 //! - [`config`]: every limit and timeout, validated before anything binds.
+//! - [`config_file`]: the TOML configuration file (`run --config`, `check`).
 //! - [`header`]: the key header wire format and its pure parser (never touches a socket).
 //! - [`routing`]: the stable rendezvous [`Router`] — public so a client can shard by itself —
 //!   and the [`RoutingTable`](routing::RoutingTable) snapshot the data path reads (router +
@@ -32,6 +33,7 @@
 mod admin;
 pub mod cli;
 pub mod config;
+pub mod config_file;
 pub mod control;
 pub mod dsr;
 pub mod error;

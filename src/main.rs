@@ -9,7 +9,7 @@ mod demo;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::CommandFactory;
 use shardproxy::cli::{self, Cli, Command};
 use shardproxy::dsr::agent::AgentError;
 use shardproxy::proxy::sockopt::raise_fd_limit;
@@ -18,7 +18,12 @@ use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse(); // bad flags: clap prints the fix and exits 2
+    // Bad flags: clap prints the fix and exits 2. Through ArgMatches so that `run` knows
+    // which flags were given explicitly (they override the --config file).
+    let cli = match Cli::from_matches(&Cli::command().get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.format(&mut Cli::command()).exit(),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| {
             EnvFilter::new(match cli.command {
@@ -56,6 +61,7 @@ async fn dispatch(command: Command) -> ExitCode {
     match command {
         Command::Run(args) => run(args).await,
         Command::Route(args) => route(args),
+        Command::Check(args) => check(&args),
         Command::Demo(args) => {
             let opts = demo::DemoOptions {
                 keys: args.keys,
@@ -83,10 +89,17 @@ async fn run(args: cli::RunArgs) -> ExitCode {
     let Some(mut signals) = Signals::install() else {
         return ExitCode::FAILURE;
     };
-    let workers = args.workers.map(usize::from).unwrap_or_else(|| {
+    let (config, workers) = match args.resolve() {
+        Ok(resolved) => resolved,
+        Err(e) => {
+            eprintln!("shardproxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let workers = workers.map(usize::from).unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
-    let proxy = match shardproxy::start_with(args.config(), Workers::Threads(workers)).await {
+    let proxy = match shardproxy::start_with(config, Workers::Threads(workers)).await {
         Ok(p) => p,
         Err(shardproxy::Error::Config(e)) => {
             eprintln!("shardproxy: {e}");
@@ -102,7 +115,19 @@ async fn run(args: cli::RunArgs) -> ExitCode {
         Some(admin) => println!("listening on {} admin {}", proxy.local_addr(), admin),
         None => println!("listening on {}", proxy.local_addr()),
     }
-    signals.recv().await;
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            warn!(error = %e, "cannot install the SIGHUP handler: no config reloads");
+            None
+        }
+    };
+    loop {
+        tokio::select! {
+            () = signals.recv() => break,
+            Some(()) = async { hangups.as_mut()?.recv().await } => reload(&args, &proxy),
+        }
+    }
     info!("shutting down: no new connections (a second SIGTERM/SIGINT exits at once)");
     tokio::select! {
         cut = proxy.shutdown() => {
@@ -112,6 +137,47 @@ async fn run(args: cli::RunArgs) -> ExitCode {
         () = signals.recv() => {
             warn!("second signal during the drain: exiting now, cutting open connections");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGHUP: re-reads `--config` (flags given on the command line still win) and applies it
+/// live; an invalid file is logged with the reason and counted, and the old table stays.
+fn reload(args: &cli::RunArgs, proxy: &shardproxy::ProxyHandle) {
+    let Some(path) = &args.config_file else {
+        warn!("SIGHUP without --config: nothing to re-read; nothing changed");
+        return;
+    };
+    info!(file = %path.display(), "SIGHUP: re-reading the configuration");
+    let control = proxy.control();
+    let result = shardproxy::config_file::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|file| args.config_with_file(file).map_err(|e| e.to_string()))
+        .and_then(|config| control.reload(config).map_err(|e| e.to_string()));
+    control.record_reload(result.is_ok());
+    match result {
+        Ok(reloaded) => {
+            info!(generation = reloaded.generation, "configuration reloaded");
+            for key in reloaded.needs_restart {
+                warn!(key, "changed in the file but only applied by a restart or an upgrade; the running value stays");
+            }
+        }
+        Err(e) => {
+            error!(error = %e, "configuration reload failed: the old table and settings stay")
+        }
+    }
+}
+
+/// `check FILE`: the one-line summary and 0, or the error (file:line:col: key: fix) and 2.
+fn check(args: &cli::CheckArgs) -> ExitCode {
+    match shardproxy::config_file::load(&args.file) {
+        Ok(file) => {
+            println!("{}: {}", args.file.display(), file.summary());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("shardproxy: {e}");
+            ExitCode::from(2)
         }
     }
 }

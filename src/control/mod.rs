@@ -234,6 +234,11 @@ impl Control {
         })
     }
 
+    /// Counts a config reload attempt (`shardproxy_config_reloads_total{result}`).
+    pub fn record_reload(&self, ok: bool) {
+        self.shared.metrics.config_reload(ok);
+    }
+
     /// The backends a key would go to now, best first (health and drains applied).
     pub fn route(&self, key: &[u8]) -> Vec<String> {
         let table = self.shared.table.load();
