@@ -17,6 +17,7 @@ mod io;
 mod listener;
 mod pipe;
 mod proxy_protocol;
+mod rate;
 pub mod sockopt;
 
 use std::net::SocketAddr;
@@ -62,6 +63,8 @@ pub(crate) struct Shared {
     pub limit: Arc<Semaphore>,
     /// The header-phase budgets (global and per source).
     pub admission: Arc<admission::Admission>,
+    /// The per-source connection rate limit (`source_rate`); `None`: off, no work at all.
+    pub rates: Option<rate::SourceRates>,
     /// Direct server return, with `--dsr`.
     pub dsr: Option<Arc<crate::dsr::handoff::Dsr>>,
     /// Generation of the next table.
@@ -122,6 +125,7 @@ pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<Pro
             config.pending_headers_per_source(),
             metrics.clone(),
         )),
+        rates: config.source_rate.map(rate::SourceRates::new),
         table: ArcSwap::from_pointee(table),
         metrics: metrics.clone(),
         next_generation: AtomicU64::new(2),
@@ -310,6 +314,7 @@ impl Shared {
         Shared {
             limit: Arc::new(Semaphore::new(1)),
             admission: Arc::new(admission::Admission::new(1, 1, metrics.clone())),
+            rates: config.source_rate.map(rate::SourceRates::new),
             table: ArcSwap::from_pointee(table),
             metrics,
             next_generation: AtomicU64::new(2),
