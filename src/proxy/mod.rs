@@ -82,7 +82,16 @@ pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<Pro
     config.validate()?;
     fit_to_fd_limit(&mut config);
     let metrics = Metrics::new();
-    let table = RoutingTable::build(&config.backends, 1, &metrics)?;
+    // `rebuild`, not `build`: the proxy-wide PROXY v2 setting is the default of backends
+    // that do not say (`build` assumes it off).
+    let table = RoutingTable::rebuild(
+        &config.backends,
+        &Default::default(),
+        config.proxy_protocol,
+        1,
+        &metrics,
+        None,
+    )?;
     let count = match workers {
         Workers::Current => 1,
         Workers::Threads(n) => n.max(1),
