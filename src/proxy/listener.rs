@@ -146,23 +146,21 @@ pub(crate) async fn run_accept(
         };
         backoff.on_success();
         shared.metrics.accepted();
-        if let Some(rates) = &shared.rates {
-            match rates.admit(peer.ip()) {
-                Verdict::Admit => {}
-                Verdict::Reject => {
-                    // RST, as for the pending-header cap: no TIME_WAIT left by a flood.
-                    let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
-                    drop(client);
-                    shared.metrics.rejected_source_rate();
-                    if Throttle::ready(&mut rate_log) {
-                        warn!(source = %peer.ip(), "source over its connection rate: resetting its new connections");
-                    }
-                    continue;
+        match shared.rates.admit(peer.ip()) {
+            Verdict::Admit => {}
+            Verdict::Reject => {
+                // RST, as for the pending-header cap: no TIME_WAIT left by a flood.
+                let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                drop(client);
+                shared.metrics.rejected_source_rate();
+                if Throttle::ready(&mut rate_log) {
+                    warn!(source = %peer.ip(), "source over its connection rate: resetting its new connections");
                 }
-                Verdict::Untracked => {
-                    if Throttle::ready(&mut rate_log) {
-                        warn!(source = %peer.ip(), "source-rate table full of active sources: new sources are not rate-limited until it frees");
-                    }
+                continue;
+            }
+            Verdict::Untracked => {
+                if Throttle::ready(&mut rate_log) {
+                    warn!(source = %peer.ip(), "source-rate table full of active sources: new sources are not rate-limited until it frees");
                 }
             }
         }

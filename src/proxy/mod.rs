@@ -63,8 +63,9 @@ pub(crate) struct Shared {
     pub limit: Arc<Semaphore>,
     /// The header-phase budgets (global and per source).
     pub admission: Arc<admission::Admission>,
-    /// The per-source connection rate limit (`source_rate`); `None`: off, no work at all.
-    pub rates: Option<rate::SourceRates>,
+    /// The per-source connection rate limit (`source_rate`; off: one atomic load per
+    /// connection). A reload changes it with [`rate::SourceRates::set`].
+    pub rates: rate::SourceRates,
     /// Direct server return, with `--dsr`.
     pub dsr: Option<Arc<crate::dsr::handoff::Dsr>>,
     /// Generation of the next table.
@@ -134,7 +135,7 @@ pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<Pro
             config.pending_headers_per_source(),
             metrics.clone(),
         )),
-        rates: config.source_rate.map(rate::SourceRates::new),
+        rates: rate::SourceRates::new(config.source_rate),
         table: ArcSwap::from_pointee(table),
         metrics: metrics.clone(),
         next_generation: AtomicU64::new(2),
@@ -323,7 +324,7 @@ impl Shared {
         Shared {
             limit: Arc::new(Semaphore::new(1)),
             admission: Arc::new(admission::Admission::new(1, 1, metrics.clone())),
-            rates: config.source_rate.map(rate::SourceRates::new),
+            rates: rate::SourceRates::new(config.source_rate),
             table: ArcSwap::from_pointee(table),
             metrics,
             next_generation: AtomicU64::new(2),

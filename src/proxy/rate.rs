@@ -21,10 +21,15 @@
 //! table then holds that many sources each with a recent connection, and refusing every
 //! newcomer would lock out good clients instead of limiting anyone. Entries are plain
 //! integers and a shard's map never shrinks, so the steady state allocates nothing.
+//!
+//! The setting can change live ([`SourceRates::set`], for a reload): buckets carry over a
+//! rate change, and turning the limit off frees the table. Off, a connection costs one
+//! relaxed atomic load.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -60,10 +65,12 @@ struct Shard {
 
 /// The per-source token buckets of one proxy, shared by every accept loop.
 pub(crate) struct SourceRates {
-    /// Nanoseconds one connection costs (`1 / per_second`), at least 1.
-    interval: u64,
-    /// How far ahead of now a bucket may run: `burst` intervals.
-    tolerance: u64,
+    /// Nanoseconds one connection costs (`1 / per_second`), at least 1; 0: the limit is off.
+    interval: AtomicU64,
+    /// How far ahead of now a bucket may run: `burst` intervals. Stored apart from
+    /// `interval`: a connection racing [`SourceRates::set`] may see one old and one new,
+    /// which only judges that one connection by a mix of the two settings.
+    tolerance: AtomicU64,
     shards: [Mutex<Shard>; SHARDS],
     /// Picks a source's shard; seeded per process.
     hasher: RandomState,
@@ -71,15 +78,26 @@ pub(crate) struct SourceRates {
     epoch: Instant,
 }
 
+/// `(interval, tolerance)` in nanoseconds for `rate` (validated by the config: `per_second`
+/// finite and above 0, `burst` at least 1); `(0, 0)` when off.
+fn parameters(rate: Option<SourceRate>) -> (u64, u64) {
+    match rate {
+        None => (0, 0),
+        Some(r) => {
+            // `as` saturates: a rate too slow for u64 nanoseconds never refills in practice.
+            let interval = ((1e9 / r.per_second).round() as u64).max(1);
+            (interval, interval.saturating_mul(u64::from(r.burst.max(1))))
+        }
+    }
+}
+
 impl SourceRates {
-    /// Buckets for `rate` (validated by the config: `per_second` finite and above 0, `burst`
-    /// at least 1).
-    pub(crate) fn new(rate: SourceRate) -> Self {
-        // `as` saturates: a rate too slow for u64 nanoseconds never refills in practice.
-        let interval = ((1e9 / rate.per_second).round() as u64).max(1);
+    /// The limiter for `rate` (`None`: off).
+    pub(crate) fn new(rate: Option<SourceRate>) -> Self {
+        let (interval, tolerance) = parameters(rate);
         SourceRates {
-            interval,
-            tolerance: interval.saturating_mul(u64::from(rate.burst.max(1))),
+            interval: AtomicU64::new(interval),
+            tolerance: AtomicU64::new(tolerance),
             shards: std::array::from_fn(|_| {
                 Mutex::new(Shard {
                     buckets: HashMap::new(),
@@ -91,8 +109,28 @@ impl SourceRates {
         }
     }
 
+    /// Changes the limit live (a reload). The buckets carry over a change of rate; `None`
+    /// turns the limit off and frees the table.
+    // The reload (`control`) calls it once merged with the control plane.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn set(&self, rate: Option<SourceRate>) {
+        let (interval, tolerance) = parameters(rate);
+        self.tolerance.store(tolerance, Ordering::Relaxed);
+        self.interval.store(interval, Ordering::Relaxed);
+        if rate.is_none() {
+            for shard in &self.shards {
+                let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+                shard.buckets = HashMap::new();
+                shard.next_sweep = 0;
+            }
+        }
+    }
+
     /// Charges one connection from `ip` now.
     pub(crate) fn admit(&self, ip: IpAddr) -> Verdict {
+        if self.interval.load(Ordering::Relaxed) == 0 {
+            return Verdict::Admit;
+        }
         let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.admit_at(ip, now)
     }
@@ -100,12 +138,17 @@ impl SourceRates {
     /// Charges one connection from `ip` at `now` (nanoseconds since the epoch; never going
     /// back).
     pub(crate) fn admit_at(&self, ip: IpAddr, now: u64) -> Verdict {
+        let interval = self.interval.load(Ordering::Relaxed);
+        if interval == 0 {
+            return Verdict::Admit;
+        }
+        let tolerance = self.tolerance.load(Ordering::Relaxed);
         let source = Source::of(ip);
         let shard = &self.shards[self.hasher.hash_one(source) as usize & (SHARDS - 1)];
         let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(tat) = shard.buckets.get_mut(&source) {
-            let paid = (*tat).max(now).saturating_add(self.interval);
-            if paid - now > self.tolerance {
+            let paid = (*tat).max(now).saturating_add(interval);
+            if paid - now > tolerance {
                 return Verdict::Reject;
             }
             *tat = paid;
@@ -122,9 +165,7 @@ impl SourceRates {
             }
         }
         // A fresh source starts full and pays for this connection (burst is at least 1).
-        shard
-            .buckets
-            .insert(source, now.saturating_add(self.interval));
+        shard.buckets.insert(source, now.saturating_add(interval));
         Verdict::Admit
     }
 
@@ -151,7 +192,7 @@ mod tests {
     const SEC: u64 = 1_000_000_000;
 
     fn rates(per_second: f64, burst: u32) -> SourceRates {
-        SourceRates::new(SourceRate { per_second, burst })
+        SourceRates::new(Some(SourceRate { per_second, burst }))
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -288,6 +329,36 @@ mod tests {
             .iter()
             .all(|v| *v == Verdict::Admit));
         assert!(r.sources() <= 1000, "{}", r.sources());
+    }
+
+    #[test]
+    fn off_admits_everything_untracked_and_the_setting_changes_live() {
+        let r = SourceRates::new(None);
+        let x = ip("192.0.2.1");
+        assert_eq!(admitted(&r, x, SEC, 100), 100);
+        assert_eq!(r.admit(x), Verdict::Admit);
+        assert_eq!(r.sources(), 0);
+        // Turned on: limited from then on.
+        r.set(Some(SourceRate {
+            per_second: 1.0,
+            burst: 3,
+        }));
+        assert_eq!(admitted(&r, x, 2 * SEC, 10), 3);
+        // A new rate applies to the buckets as they are: the bucket emptied at the old rate
+        // is full again at 5 s, then holds 5 and refills 10 per second.
+        r.set(Some(SourceRate {
+            per_second: 10.0,
+            burst: 5,
+        }));
+        assert_eq!(admitted(&r, x, 2 * SEC, 10), 0);
+        assert_eq!(admitted(&r, x, 4 * SEC, 10), 0);
+        assert_eq!(admitted(&r, x, 5 * SEC, 10), 5);
+        assert_eq!(admitted(&r, x, 5 * SEC + 100 * MS, 10), 1);
+        // Off again: everything admitted, the table freed.
+        r.set(None);
+        assert_eq!(r.sources(), 0);
+        assert_eq!(admitted(&r, x, 5 * SEC + 100 * MS, 10), 10);
+        assert_eq!(r.sources(), 0);
     }
 
     #[test]
