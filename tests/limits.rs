@@ -124,6 +124,12 @@ fn conn_errors(text: &str, reason: &str) -> f64 {
     )
 }
 
+/// No active health probes: these tests count the connections each backend accepts, and a
+/// probe is a connection too.
+fn no_probes(c: &mut shardproxy::ProxyConfig) {
+    c.health.active = false;
+}
+
 /// Polls the metrics until `ready` holds for them (the hang guard bounds it).
 async fn wait_metrics(proxy: &ProxyHandle, ready: impl Fn(&str) -> bool) -> String {
     loop {
@@ -166,6 +172,7 @@ async fn source_rate_resets_one_hosts_excess_and_spares_other_hosts() {
                 burst: 10,
             });
             c.header_timeout = Duration::from_secs(60);
+            no_probes(c);
         })
         .await;
         let addr = proxy.local_addr();
@@ -281,6 +288,13 @@ async fn hold(addr: SocketAddr, key: &[u8]) -> (TcpStream, String) {
     (s, name)
 }
 
+fn backend_connections(text: &str, backend: &str) -> f64 {
+    metric(
+        text,
+        &format!("shardproxy_backend_connections_total{{backend=\"{backend}\"}}"),
+    )
+}
+
 fn backend_active(text: &str, backend: &str) -> f64 {
     metric(
         text,
@@ -294,7 +308,11 @@ async fn a_full_backend_fails_its_keys_fast_without_moving_them() {
         let backends = echo_backends(2).await;
         let mut specs = specs(&backends);
         specs[0].max_connections = Some(3);
-        let proxy = start_proxy(specs, |c| c.header_timeout = Duration::from_secs(60)).await;
+        let proxy = start_proxy(specs, |c| {
+            c.header_timeout = Duration::from_secs(60);
+            no_probes(c);
+        })
+        .await;
         let addr = proxy.local_addr();
         let b1_keys = keys_owned_by(&["b1", "b2"], "b1", 5);
         let b2_keys = keys_owned_by(&["b1", "b2"], "b2", 3);
@@ -305,8 +323,9 @@ async fn a_full_backend_fails_its_keys_fast_without_moving_them() {
             assert_eq!(name, "b1");
             held.push(s);
         }
-        assert_eq!(backend_active(&proxy.metrics_text(), "b1"), 3.0);
-        let b2_before = backends[1].accepted();
+        let text = proxy.metrics_text();
+        assert_eq!(backend_active(&text, "b1"), 3.0);
+        let b2_before = (backends[1].accepted(), backend_connections(&text, "b2"));
 
         let fourth = attempt(IpAddr::V4(Ipv4Addr::LOCALHOST), addr, &b1_keys[3]).await;
         println!("4th connection for a b1 key with b1 full: {fourth:?}");
@@ -317,9 +336,9 @@ async fn a_full_backend_fails_its_keys_fast_without_moving_them() {
         let text = proxy.metrics_text();
         assert_eq!(conn_errors(&text, "backend_full"), 1.0);
         assert_eq!(
-            backends[1].accepted(),
+            (backends[1].accepted(), backend_connections(&text, "b2")),
             b2_before,
-            "the key of a full b1 was sent to b2"
+            "the key of a full b1 was sent to b2 (accepted, proxied)"
         );
         assert_eq!(backends[0].accepted(), 3, "b1 got a 4th connection");
 
@@ -375,9 +394,15 @@ impl RecordingBackend {
         RecordingBackend { addr, received }
     }
 
-    /// What the next connection delivered.
+    /// What the next connection that sent anything delivered (a connection that sends
+    /// nothing, such as a health probe, is not a client's).
     async fn next(&mut self) -> Vec<u8> {
-        self.received.recv().await.expect("backend task alive")
+        loop {
+            let got = self.received.recv().await.expect("backend task alive");
+            if !got.is_empty() {
+                return got;
+            }
+        }
     }
 }
 
@@ -488,7 +513,11 @@ async fn proxy_v2_per_backend_reaches_only_that_backend() {
             RecordingBackend::start().await,
         );
         let specs = two_specs(&pp, Some(true), &plain, None);
-        let proxy = start_proxy(specs, |c| c.proxy_protocol = false).await;
+        let proxy = start_proxy(specs, |c| {
+            c.proxy_protocol = false;
+            no_probes(c);
+        })
+        .await;
         check_headers(&proxy, &mut pp, &mut plain).await;
         proxy.shutdown().await;
     })
@@ -503,7 +532,11 @@ async fn proxy_v2_proxy_wide_with_a_per_backend_none_override() {
             RecordingBackend::start().await,
         );
         let specs = two_specs(&pp, None, &plain, Some(false));
-        let proxy = start_proxy(specs, |c| c.proxy_protocol = true).await;
+        let proxy = start_proxy(specs, |c| {
+            c.proxy_protocol = true;
+            no_probes(c);
+        })
+        .await;
         check_headers(&proxy, &mut pp, &mut plain).await;
         proxy.shutdown().await;
     })
