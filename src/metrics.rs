@@ -21,7 +21,7 @@ pub const CONNECTIONS_ACCEPTED: &str = "shardproxy_connections_accepted_total";
 /// Client connections currently open.
 pub const CONNECTIONS_ACTIVE: &str = "shardproxy_connections_active";
 /// Client connections closed at once because a limit was reached, by `reason`
-/// (`source_pending_headers`; `max_connections` stays registered but is no longer counted:
+/// (`source_pending_headers`, `source_rate`; `max_connections` stays registered but is no longer counted:
 /// at that limit the proxy stops accepting, see [`ACCEPT_PAUSED`]).
 pub const CONNECTIONS_REJECTED: &str = "shardproxy_connections_rejected_total";
 /// Client connections in the header phase now (accepted, key header not yet complete).
@@ -129,6 +129,7 @@ struct Inner {
     connection_errors: [Counter; ConnError::REASONS.len()],
     rejected_max_connections: Counter,
     rejected_source_pending_headers: Counter,
+    rejected_source_rate: Counter,
     pending_headers: Gauge,
     paused_max_connections: Counter,
     paused_pending_headers: Counter,
@@ -188,6 +189,7 @@ impl Metrics {
                     CONNECTIONS_REJECTED,
                     &[("reason", "source_pending_headers")],
                 ),
+                rejected_source_rate: counter(CONNECTIONS_REJECTED, &[("reason", "source_rate")]),
                 pending_headers: gauge(CONNECTIONS_PENDING_HEADERS),
                 paused_max_connections: counter(ACCEPT_PAUSED, &[("reason", "max_connections")]),
                 paused_pending_headers: counter(ACCEPT_PAUSED, &[("reason", "pending_headers")]),
@@ -260,6 +262,12 @@ impl Metrics {
     /// Counts a connection closed at once because its source had too many in the header phase.
     pub fn rejected_source_pending_headers(&self) {
         self.inner.rejected_source_pending_headers.increment(1);
+    }
+
+    /// Counts a connection reset at once because its source was over its connection rate
+    /// (`source_rate`).
+    pub fn rejected_source_rate(&self) {
+        self.inner.rejected_source_rate.increment(1);
     }
 
     /// A connection entered the header phase.

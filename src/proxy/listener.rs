@@ -1,6 +1,9 @@
 //! The accept loop: admits connections within the limits and spawns one task per connection.
 //!
-//! Each accepted client is first counted against its source's header-phase cap: a source at
+//! Each accepted client is first charged to its source's token bucket when `source_rate` is
+//! set ([`super::rate`]): a source over its rate has the new connection reset at once and
+//! counted (`rejected{reason="source_rate"}`). It is then counted against its source's
+//! header-phase cap: a source at
 //! its cap has the new connection reset at once and counted (`rejected{reason=
 //! "source_pending_headers"}`), so a host flooding slow headers hurts only itself (see
 //! [`super::admission`]). An admitted client then needs a connection slot
@@ -30,6 +33,7 @@ use tracing::{debug, warn};
 
 use super::admission::SourceTicket;
 use super::connection::serve;
+use super::rate::Verdict;
 use super::Shared;
 
 /// First pause after an fd-exhaustion accept error.
@@ -105,7 +109,8 @@ pub(crate) async fn run_accept(
     tracker: TaskTracker,
 ) {
     let mut backoff = AcceptBackoff::default();
-    let (mut error_log, mut source_log, mut pause_log) = (
+    let (mut error_log, mut source_log, mut pause_log, mut rate_log) = (
+        Throttle::default(),
         Throttle::default(),
         Throttle::default(),
         Throttle::default(),
@@ -141,6 +146,24 @@ pub(crate) async fn run_accept(
         };
         backoff.on_success();
         shared.metrics.accepted();
+        match shared.rates.admit(peer.ip()) {
+            Verdict::Admit => {}
+            Verdict::Reject => {
+                // RST, as for the pending-header cap: no TIME_WAIT left by a flood.
+                let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                drop(client);
+                shared.metrics.rejected_source_rate();
+                if Throttle::ready(&mut rate_log) {
+                    warn!(source = %peer.ip(), "source over its connection rate: resetting its new connections");
+                }
+                continue;
+            }
+            Verdict::Untracked => {
+                if Throttle::ready(&mut rate_log) {
+                    warn!(source = %peer.ip(), "source-rate table full of active sources: new sources are not rate-limited until it frees");
+                }
+            }
+        }
         let Some(ticket) = admit_source(&shared, &client, peer.ip()).await else {
             shared.metrics.rejected_source_pending_headers();
             if Throttle::ready(&mut source_log) {

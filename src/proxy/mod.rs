@@ -17,6 +17,7 @@ mod io;
 mod listener;
 mod pipe;
 mod proxy_protocol;
+mod rate;
 pub mod sockopt;
 
 use std::net::SocketAddr;
@@ -62,6 +63,9 @@ pub(crate) struct Shared {
     pub limit: Arc<Semaphore>,
     /// The header-phase budgets (global and per source).
     pub admission: Arc<admission::Admission>,
+    /// The per-source connection rate limit (`source_rate`; off: one atomic load per
+    /// connection). A reload changes it with [`rate::SourceRates::set`].
+    pub rates: rate::SourceRates,
     /// Direct server return, with `--dsr`.
     pub dsr: Option<Arc<crate::dsr::handoff::Dsr>>,
     /// Bumped whenever routing may have changed (a new table, a health transition): what
@@ -80,7 +84,16 @@ pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<Pro
     config.validate()?;
     fit_to_fd_limit(&mut config);
     let metrics = Metrics::new();
-    let table = RoutingTable::build(&config.backends, 1, &metrics)?;
+    // `rebuild`, not `build`: the proxy-wide PROXY v2 setting is the default of backends
+    // that do not say (`build` assumes it off).
+    let table = RoutingTable::rebuild(
+        &config.backends,
+        &Default::default(),
+        config.proxy_protocol,
+        1,
+        &metrics,
+        None,
+    )?;
     let count = match workers {
         Workers::Current => 1,
         Workers::Threads(n) => n.max(1),
@@ -123,6 +136,7 @@ pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<Pro
             config.pending_headers_per_source(),
             metrics.clone(),
         )),
+        rates: rate::SourceRates::new(config.source_rate),
         table: ArcSwap::from_pointee(table),
         metrics: metrics.clone(),
         routing_epoch: tokio::sync::watch::Sender::new(0),
@@ -343,6 +357,7 @@ impl Shared {
         Shared {
             limit: Arc::new(Semaphore::new(1)),
             admission: Arc::new(admission::Admission::new(1, 1, metrics.clone())),
+            rates: rate::SourceRates::new(config.source_rate),
             table: ArcSwap::from_pointee(table),
             metrics,
             routing_epoch: tokio::sync::watch::Sender::new(0),
