@@ -542,3 +542,50 @@ async fn proxy_v2_proxy_wide_with_a_per_backend_none_override() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_turns_the_source_rate_on_and_off() {
+    guard(async {
+        let backends = echo_backends(1).await;
+        let proxy = start_proxy(specs(&backends), no_probes).await;
+        let addr = proxy.local_addr();
+        let host = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 4));
+        let burst = |base: usize| async move {
+            let started = Instant::now();
+            let outcomes = run_bounded(30, 30, |i| async move {
+                attempt(host, addr, &key(base + i)).await
+            })
+            .await;
+            let served = outcomes
+                .iter()
+                .filter(|o| matches!(o, Outcome::Served(_)))
+                .count();
+            (served, started.elapsed())
+        };
+        let reload = |rate: Option<SourceRate>| {
+            let mut c = shardproxy::ProxyConfig::new(any_port(), specs(&backends));
+            no_probes(&mut c);
+            c.source_rate = rate;
+            proxy.control().reload(c).expect("reload");
+        };
+        assert_eq!(burst(0).await.0, 30, "off: all served");
+        reload(Some(SourceRate {
+            per_second: 1.0,
+            burst: 2,
+        }));
+        let (served, took) = burst(100).await;
+        println!("on (1/s, burst 2): {served} of 30 served in {took:?}");
+        assert!(
+            served <= 2 + took.as_secs() as usize + 1,
+            "{served} in {took:?}"
+        );
+        assert_eq!(
+            rejected(&proxy.metrics_text(), "source_rate"),
+            (30 - served) as f64
+        );
+        reload(None);
+        assert_eq!(burst(200).await.0, 30, "off again: all served");
+        proxy.shutdown().await;
+    })
+    .await;
+}

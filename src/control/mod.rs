@@ -217,6 +217,9 @@ impl Control {
             Some(&self.shared.table.load()),
         )?;
         let health_changed = old.health != live.health;
+        if old.source_rate != live.source_rate {
+            self.shared.rates.set(live.source_rate);
+        }
         self.shared.config.store(Arc::new(live));
         self.install(&mut m, new.backends, draining, table);
         if health_changed {

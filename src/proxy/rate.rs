@@ -111,8 +111,6 @@ impl SourceRates {
 
     /// Changes the limit live (a reload). The buckets carry over a change of rate; `None`
     /// turns the limit off and frees the table.
-    // The reload (`control`) calls it once merged with the control plane.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn set(&self, rate: Option<SourceRate>) {
         let (interval, tolerance) = parameters(rate);
         self.tolerance.store(tolerance, Ordering::Relaxed);
