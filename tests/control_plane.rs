@@ -576,7 +576,11 @@ async fn passive_ejection_skips_the_backend_until_a_probe_succeeds() {
 
     // Still refusing well past the ejection time: it stays down, its probes failing.
     tokio::time::sleep(eject_time * 4).await;
-    assert_eq!(states(&proxy).await["b2"], "down");
+    assert_eq!(
+        states(&proxy).await["b2"],
+        "down",
+        "b2 was re-admitted after its ejection time without a good probe"
+    );
     let text = proxy.metrics_text();
     assert!(
         metric(
