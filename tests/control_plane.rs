@@ -1,7 +1,8 @@
 //! The control plane end to end (issue 9): membership changes through the admin API under a
 //! stream of connections, drain and delete, health checks finding a dead backend and its
 //! return, passive ejection, the panic cap, `failover = none` on a down owner, the admin
-//! API's validation and bearer token, and the owner-change policy.
+//! API's validation and bearer token, and the owner-change policy (including a key that
+//! moves back within the grace), undrain, and a backend moved to a new address.
 //!
 //! Every proxy runs in process (`common::start_proxy`, admin listener on 127.0.0.1:0) in
 //! front of echo backends that greet with their name, so each round trip says which backend
@@ -1070,4 +1071,88 @@ async fn owner_change_keep_leaves_the_connection() {
     assert_eq!(m(&proxy, "shardproxy_owner_change_closed_total"), 0.0);
     let seen: HashSet<String> = states(&proxy).await.into_keys().collect();
     assert!(seen.contains(&taker));
+}
+
+/// Owner-change policy `close`: a key whose owner changes and changes back within the grace
+/// keeps its connection (the grace is a debounce, not a timer that always fires).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_change_close_spares_a_key_that_moves_back_within_the_grace() {
+    let grace = Duration::from_secs(2);
+    let names = ["b1", "b2", "b3"];
+    let k = key(7);
+    let taker = outranking_name(&names, &k);
+    let backends = echo_backends(3).await;
+    let newcomer = EchoBackend::start(any_port(), &taker).await.expect("taker");
+    let proxy = start_proxy(specs(&backends), move |c| {
+        c.health.active = false;
+        c.owner_change = OwnerChange::Close { grace };
+    })
+    .await;
+    let mut held = Held::open(proxy.local_addr(), &k).await;
+    let path = format!("/backends/{taker}");
+    let put = put_body(newcomer.local_addr());
+    let started = Instant::now();
+    let (status, body) = call(&proxy, "PUT", &path, Some(&put), None).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = call(&proxy, "DELETE", &path, None, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        started.elapsed() < grace,
+        "the key was away for {:?}, longer than the grace: nothing measured",
+        started.elapsed()
+    );
+    tokio::time::sleep(grace + Duration::from_secs(1)).await;
+    held.echo(b"owner is back")
+        .await
+        .expect("the connection was cut");
+    assert_eq!(m(&proxy, "shardproxy_owner_change_closed_total"), 0.0);
+}
+
+/// Undrain gives a backend its keys back; a PUT that moves a backend to a new address sends
+/// its new connections there while the ones open on the old address keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undrain_returns_the_keys_and_an_address_change_moves_new_connections() {
+    let backends = echo_backends(3).await;
+    let moved = EchoBackend::start(any_port(), "b2").await.expect("new b2");
+    let proxy = start_proxy(specs(&backends), |c| c.health.active = false).await;
+    let addr = proxy.local_addr();
+    let r = router(&["b1", "b2", "b3"]);
+    let b2_keys = keys_of(&r, "b2", 10);
+
+    let (status, body) = call(&proxy, "POST", "/backends/b2/drain", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        served_by(addr, &b2_keys[0]).await,
+        r.rank_names(&b2_keys[0])[1]
+    );
+    let (status, body) = call(&proxy, "POST", "/backends/b2/undrain", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(states(&proxy).await["b2"], "up");
+    for k in &b2_keys {
+        assert_eq!(served_by(addr, k).await, "b2", "undrained b2's key");
+    }
+
+    let mut held = Held::open(addr, &b2_keys[0]).await;
+    let (old_accepted, new_accepted) = (backends[1].accepted(), moved.accepted());
+    let (status, body) = call(
+        &proxy,
+        "PUT",
+        "/backends/b2",
+        Some(&put_body(moved.local_addr())),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    for k in &b2_keys {
+        assert_eq!(served_by(addr, k).await, "b2");
+    }
+    assert_eq!(
+        backends[1].accepted(),
+        old_accepted,
+        "the old address got new connections"
+    );
+    assert_eq!(moved.accepted(), new_accepted + b2_keys.len() as u64);
+    held.echo(b"on the old address")
+        .await
+        .expect("the open connection was cut");
 }
