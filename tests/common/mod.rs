@@ -342,3 +342,41 @@ where
         .map(|v| v.expect("every task ran"))
         .collect()
 }
+
+/// One admin request over plain HTTP/1.1 (`Connection: close`): `method path`, with `body`
+/// sent as `application/json` when given and `Authorization: Bearer <token>` when `token`
+/// is. Returns (status code, body); the status is 0 if the answer has no status line.
+pub async fn http_request(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(admin).await.expect("connect admin");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    let body = body.unwrap_or_default();
+    if !body.is_empty() || matches!(method, "PUT" | "POST") {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.expect("send request");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.expect("read response");
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let status = head
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
+}
