@@ -17,8 +17,6 @@ use common::*;
 use shardproxy::fixtures::client::round_trip;
 use shardproxy::fixtures::echo::EchoBackend;
 use shardproxy::HeaderFormat;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const CONNECTIONS: usize = 100_000;
 const CONCURRENCY: usize = 32;
@@ -48,23 +46,6 @@ impl Proxy {
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .expect("VmRSS")
     }
-}
-
-/// One admin request; returns the status code.
-async fn admin(addr: SocketAddr, method: &str, path: &str, body: &str) -> u16 {
-    let mut s = TcpStream::connect(addr).await.expect("connect admin");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.expect("send");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).await.expect("read");
-    resp.split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,7 +113,8 @@ async fn connections_and_membership_changes_leave_no_fds_or_memory_behind() {
             while !done.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let (method, path, body) = steps[i % steps.len()];
-                let status = admin(admin_addr, method, path, body).await;
+                let body = (!body.is_empty()).then_some(body);
+                let (status, _) = http_request(admin_addr, method, path, body, None).await;
                 assert!(matches!(status, 200 | 201), "{method} {path}: {status}");
                 changes.fetch_add(1, Ordering::Relaxed);
                 i += 1;
