@@ -163,6 +163,11 @@ pub struct RunArgs {
     /// Worker threads, each with its own SO_REUSEPORT listener (default: one per core).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
+    /// Unix socket for zero-downtime upgrades: if a running proxy answers there, take over
+    /// its listening sockets (it then drains and exits); then serve this socket (mode 0600)
+    /// for the next upgrade. Give the successor the same --listen and --admin.
+    #[arg(long, value_name = "PATH")]
+    pub upgrade_socket: Option<std::path::PathBuf>,
 }
 
 impl RunArgs {
@@ -185,6 +190,7 @@ impl RunArgs {
         c.max_pending_headers_per_source = self.max_pending_headers_per_source;
         c.drain_timeout = self.drain_timeout;
         c.max_pipes = self.max_pipes;
+        c.upgrade_socket = self.upgrade_socket.clone();
         if self.dsr {
             if let (Some(device), Some(secret)) = (&self.dsr_device, &self.dsr_secret_file) {
                 let mut d = DsrConfig::new(device.clone(), secret.clone());

@@ -65,6 +65,15 @@ pub const FD_LIMIT: &str = "shardproxy_fd_limit";
 /// `lifetime`, `error`).
 pub const ADMIN_CONNECTIONS: &str = "shardproxy_admin_connections_total";
 
+/// Listener hand-overs to a successor process (`--upgrade-socket`), counted by the old
+/// process, by `result`: `handed_over` (the successor took the listeners; this process
+/// drains), `refused` (the peer was another user), `failed` (the successor aborted, closed or
+/// timed out; this process keeps serving).
+pub const UPGRADES: &str = "shardproxy_upgrades_total";
+/// Listening sockets this process inherited from its predecessor at start (0: it bound its
+/// own).
+pub const UPGRADE_INHERITED: &str = "shardproxy_upgrade_inherited_listeners";
+
 /// DSR hand-offs, by `result` (`ok`, or the reason it fell back to splicing).
 pub const DSR_HANDOFFS: &str = "shardproxy_dsr_handoffs_total";
 /// Time from freezing a flow to steering it (a successful hand-off), in seconds.
@@ -121,6 +130,37 @@ struct Inner {
     fd_limit: Gauge,
     generation: Gauge,
     fingerprint: Gauge,
+    upgrades: [Counter; UpgradeResult::ALL.len()],
+    inherited: Gauge,
+}
+
+/// How a listener hand-over ended, on the old process's side (the `result` of [`UPGRADES`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpgradeResult {
+    /// The successor took the listeners.
+    HandedOver,
+    /// The peer was refused (another user).
+    Refused,
+    /// The successor did not take over.
+    Failed,
+}
+
+impl UpgradeResult {
+    /// Every result, in label order.
+    pub const ALL: [UpgradeResult; 3] = [
+        UpgradeResult::HandedOver,
+        UpgradeResult::Refused,
+        UpgradeResult::Failed,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            UpgradeResult::HandedOver => "handed_over",
+            UpgradeResult::Refused => "refused",
+            UpgradeResult::Failed => "failed",
+        }
+    }
 }
 
 impl Metrics {
@@ -174,6 +214,8 @@ impl Metrics {
                 fd_limit: gauge(FD_LIMIT),
                 generation: gauge(TABLE_GENERATION),
                 fingerprint: gauge(TABLE_FINGERPRINT),
+                upgrades: UpgradeResult::ALL.map(|r| counter(UPGRADES, &[("result", r.label())])),
+                inherited: gauge(UPGRADE_INHERITED),
                 handle,
                 recorder,
             }),
@@ -283,6 +325,22 @@ impl Metrics {
         self.inner
             .fingerprint
             .set((fingerprint & ((1 << 52) - 1)) as f64);
+    }
+
+    /// Counts a listener hand-over attempt by its `result`.
+    pub fn upgrade(&self, result: UpgradeResult) {
+        let i = UpgradeResult::ALL
+            .iter()
+            .position(|r| *r == result)
+            .unwrap_or(0);
+        if let Some(c) = self.inner.upgrades.get(i) {
+            c.increment(1);
+        }
+    }
+
+    /// Publishes how many listening sockets this process inherited from its predecessor.
+    pub fn set_inherited_listeners(&self, n: usize) {
+        self.inner.inherited.set(n as f64);
     }
 
     /// Registers the admin connection counter for one `result`.
@@ -560,6 +618,11 @@ fn describe(r: &PrometheusRecorder) {
             "Admin connections ended, by result (evicted, header_timeout, ...).",
         ),
         d(
+            UPGRADES,
+            None,
+            "Listener hand-overs to a successor process, by result (handed_over, refused, failed).",
+        ),
+        d(
             DSR_HANDOFFS,
             None,
             "DSR hand-offs, by result: ok, or why the connection was spliced instead.",
@@ -608,6 +671,11 @@ fn describe(r: &PrometheusRecorder) {
             "Splice pipes allowed at once (--max-pipes).",
         ),
         d(FD_LIMIT, None, "Soft limit on open file descriptors."),
+        d(
+            UPGRADE_INHERITED,
+            None,
+            "Listening sockets inherited from the predecessor at start (0: bound here).",
+        ),
         d(
             DSR_FLOWS_ACTIVE,
             None,
