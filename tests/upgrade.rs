@@ -635,3 +635,134 @@ async fn a_successor_running_as_another_user_is_refused() {
     assert!(a.try_wait().is_none(), "A exited:\n{}", a.stderr());
     one_round_trip(listen, 1).await.expect("A still serves");
 }
+
+#[tokio::test]
+async fn a_client_held_at_the_connection_limit_is_served_after_the_hand_over() {
+    let backends = echo_backends(2).await;
+    let dir = TempDir::new("held");
+    let sock = dir.sock();
+    let limited = |listen, admin| {
+        let mut v = flags(&backends, listen, admin, &sock);
+        v.extend(["--max-connections".to_string(), "2".to_string()]);
+        v
+    };
+    let mut a = Proxy::ready(limited(any_port(), any_port())).await;
+    let (listen, admin) = (a.listen, a.admin);
+    // Two connections take A's two slots; a third is accepted and held until one frees.
+    let first = LongLived::open(listen).await;
+    let second = LongLived::open(listen).await;
+    let third = tokio::spawn(one_round_trip(listen, 3));
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        let text = scrape_at(admin).await;
+        if metric(
+            &text,
+            "shardproxy_accept_paused_total{reason=\"max_connections\"}",
+        ) >= 1.0
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "A never paused at its limit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // B takes over while A holds that client: A must serve it as it drains, not drop it.
+    let mut b = Proxy::ready(limited(listen, admin)).await;
+    timeout(HANG_GUARD, async {
+        while !a.stderr().contains("a successor took over the listeners") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("A handed over");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    first.finish().await;
+    let held = timeout(HANG_GUARD, third)
+        .await
+        .expect("the held client is answered in time")
+        .expect("client task");
+    assert_eq!(held, Ok(()), "the client A held at its limit");
+    second.finish().await;
+    assert!(a
+        .wait_exit("B took over, its connections closed")
+        .await
+        .success());
+    assert!(b.terminate().await.success());
+}
+
+#[tokio::test]
+async fn a_client_held_at_the_header_phase_limit_is_served_after_the_hand_over() {
+    let backends = echo_backends(2).await;
+    let dir = TempDir::new("held-header");
+    let sock = dir.sock();
+    let limited = |listen, admin| {
+        let mut v = flags(&backends, listen, admin, &sock);
+        v.extend(["--max-pending-headers".to_string(), "1".to_string()]);
+        v
+    };
+    let mut a = Proxy::ready(limited(any_port(), any_port())).await;
+    let (listen, admin) = (a.listen, a.admin);
+    // A client from another host holds the one header-phase slot (no header yet); a second
+    // client is accepted and held until that slot frees.
+    let slow_sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    slow_sock
+        .bind(([127, 0, 0, 3], 0).into())
+        .expect("bind 127.0.0.3");
+    let mut slow = slow_sock.connect(listen).await.expect("connect");
+    let deadline = Instant::now() + HANG_GUARD;
+    while metric(
+        &scrape_at(admin).await,
+        "shardproxy_connections_pending_headers",
+    ) < 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the slow client never entered the header phase"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let held = tokio::spawn(one_round_trip(listen, 3));
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        let text = scrape_at(admin).await;
+        if metric(
+            &text,
+            "shardproxy_accept_paused_total{reason=\"pending_headers\"}",
+        ) >= 1.0
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A never paused at its header-phase limit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut b = Proxy::ready(limited(listen, admin)).await;
+    timeout(HANG_GUARD, async {
+        while !a.stderr().contains("a successor took over the listeners") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("A handed over");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The slow client completes its header: the slot frees and A serves the held client.
+    let header = HeaderFormat::default().encode(b"slow").expect("header");
+    slow.write_all(&header).await.expect("send header");
+    slow.shutdown().await.expect("half-close");
+    let mut rest = Vec::new();
+    timeout(HANG_GUARD, slow.read_to_end(&mut rest))
+        .await
+        .expect("slow client answered in time")
+        .expect("read");
+    let held = timeout(HANG_GUARD, held)
+        .await
+        .expect("the held client is answered in time")
+        .expect("client task");
+    assert_eq!(held, Ok(()), "the client A held at its header-phase limit");
+    assert!(a
+        .wait_exit("B took over, its connections closed")
+        .await
+        .success());
+    assert!(b.terminate().await.success());
+}
