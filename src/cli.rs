@@ -280,6 +280,11 @@ pub struct RunArgs {
     /// required when --admin is not on loopback.
     #[arg(long, value_name = "PATH")]
     pub admin_token_file: Option<PathBuf>,
+    /// Unix socket for zero-downtime upgrades: if a running proxy answers there, take over
+    /// its listening sockets (it then drains and exits); then serve this socket (mode 0600)
+    /// for the next upgrade. Give the successor the same --listen and --admin.
+    #[arg(long, value_name = "PATH")]
+    pub upgrade_socket: Option<std::path::PathBuf>,
     /// Ids of the flags given on the command line (filled by [`Cli::from_matches`]; empty
     /// when parsed otherwise, then no flag overrides a file).
     #[arg(skip)]
@@ -476,6 +481,9 @@ impl RunArgs {
         }
         if set("proxy_protocol") {
             c.proxy_protocol = matches!(self.proxy_protocol, ProxyProtocolArg::V2);
+        }
+        if set("upgrade_socket") {
+            c.upgrade_socket = self.upgrade_socket.clone();
         }
         if set("admin_token_file") {
             c.admin_token_file = self.admin_token_file.clone();

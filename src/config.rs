@@ -499,6 +499,16 @@ impl ProxyConfig {
         if self.idle_timeout.is_some_and(|d| d.is_zero()) {
             return invalid("--idle-timeout", "use 'off' rather than 0".into());
         }
+        // Before the DSR checks, so this one is the error reported.
+        if self.upgrade_socket.is_some() && self.dsr.is_some() {
+            return invalid(
+                "--upgrade-socket",
+                "cannot be combined with --dsr yet: the successor would replace the running \
+                 proxy's nftables steering table (and cut the flows handed off through it); \
+                 drop --upgrade-socket, or run without --dsr"
+                    .into(),
+            );
+        }
         if let Some(dsr) = &self.dsr {
             self.validate_dsr(dsr)?;
         }

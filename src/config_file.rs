@@ -607,6 +607,7 @@ impl<'a> Cx<'a> {
         }
         spans.note("admin_token_file", &f.admin_token_file);
         c.admin_token_file = f.admin_token_file.as_ref().map(|p| self.path(p.get_ref()));
+        spans.note("upgrade_socket", &f.upgrade_socket);
         c.upgrade_socket = f.upgrade_socket.as_ref().map(|p| self.path(p.get_ref()));
         let workers = f
             .workers
@@ -882,6 +883,7 @@ impl<'a> Cx<'a> {
             "source_rate" => &["limits.source_rate", "limits.source_burst"],
             "--admin" => &["admin"],
             "--admin-token-file" => &["admin_token_file"],
+            "--upgrade-socket" => &["upgrade_socket"],
             _ => &[],
         };
         let found = candidates
@@ -906,6 +908,7 @@ fn flags_to_keys(why: &str) -> String {
         ("--max-pending-headers", "limits.max_pending_headers"),
         ("--max-connections", "limits.max_connections"),
         ("--admin-token-file", "admin_token_file"),
+        ("--upgrade-socket", "upgrade_socket"),
         ("--dsr-secret-file", "dsr.secret_file"),
         ("--dsr-device", "dsr.device"),
         ("--max-key-len", "header.max_key_len"),

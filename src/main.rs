@@ -1,9 +1,9 @@
 //! The `shardproxy` binary: parse flags, set up logging, run, map errors to exit codes
 //! (0 success, 1 runtime failure, 2 bad flags or configuration).
 //!
-//! `run` drains on the first SIGTERM/SIGINT (stop accepting, let connections finish up to
-//! `--drain-timeout`) and exits 0; a second signal during the drain exits at once with 1,
-//! cutting what is left.
+//! `run` drains on the first SIGTERM/SIGINT, or once a successor took its listeners over
+//! (`--upgrade-socket`): stop accepting, let connections finish up to `--drain-timeout`, exit
+//! 0; a signal during the drain exits at once with 1, cutting what is left.
 
 mod demo;
 
@@ -122,13 +122,20 @@ async fn run(args: cli::RunArgs) -> ExitCode {
             None
         }
     };
+    let handed_over = proxy.handed_over();
     loop {
         tokio::select! {
-            () = signals.recv() => break,
+            () = signals.recv() => {
+                info!("shutting down: no new connections (a second SIGTERM/SIGINT exits at once)");
+                break;
+            }
+            () = handed_over.cancelled() => {
+                info!("a successor took over the listeners: draining (a SIGTERM/SIGINT exits at once)");
+                break;
+            }
             Some(()) = async { hangups.as_mut()?.recv().await } => reload(&args, &proxy),
         }
     }
-    info!("shutting down: no new connections (a second SIGTERM/SIGINT exits at once)");
     tokio::select! {
         cut = proxy.shutdown() => {
             info!(cut, "stopped");

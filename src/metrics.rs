@@ -84,6 +84,14 @@ pub const CONFIG_RELOADS: &str = "shardproxy_config_reloads_total";
 pub const ADMIN_CHANGES: &str = "shardproxy_admin_changes_total";
 /// Connections reset because their key changed owner (owner-change policy `close`).
 pub const OWNER_CHANGE_CLOSED: &str = "shardproxy_owner_change_closed_total";
+/// Listener hand-overs to a successor process (`--upgrade-socket`), counted by the old
+/// process, by `result`: `handed_over` (the successor took the listeners; this process
+/// drains), `refused` (the peer was another user), `failed` (the successor aborted, closed or
+/// timed out; this process keeps serving).
+pub const UPGRADES: &str = "shardproxy_upgrades_total";
+/// Listening sockets this process inherited from its predecessor at start (0: it bound its
+/// own).
+pub const UPGRADE_INHERITED: &str = "shardproxy_upgrade_inherited_listeners";
 
 /// DSR hand-offs, by `result` (`ok`, or the reason it fell back to splicing).
 pub const DSR_HANDOFFS: &str = "shardproxy_dsr_handoffs_total";
@@ -148,6 +156,37 @@ struct Inner {
     admin_changes_ok: Counter,
     admin_changes_rejected: Counter,
     owner_change_closed: Counter,
+    upgrades: [Counter; UpgradeResult::ALL.len()],
+    inherited: Gauge,
+}
+
+/// How a listener hand-over ended, on the old process's side (the `result` of [`UPGRADES`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpgradeResult {
+    /// The successor took the listeners.
+    HandedOver,
+    /// The peer was refused (another user).
+    Refused,
+    /// The successor did not take over.
+    Failed,
+}
+
+impl UpgradeResult {
+    /// Every result, in label order.
+    pub const ALL: [UpgradeResult; 3] = [
+        UpgradeResult::HandedOver,
+        UpgradeResult::Refused,
+        UpgradeResult::Failed,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            UpgradeResult::HandedOver => "handed_over",
+            UpgradeResult::Refused => "refused",
+            UpgradeResult::Failed => "failed",
+        }
+    }
 }
 
 impl Metrics {
@@ -208,6 +247,8 @@ impl Metrics {
                 admin_changes_ok: counter(ADMIN_CHANGES, &[("result", "ok")]),
                 admin_changes_rejected: counter(ADMIN_CHANGES, &[("result", "rejected")]),
                 owner_change_closed: counter(OWNER_CHANGE_CLOSED, &[]),
+                upgrades: UpgradeResult::ALL.map(|r| counter(UPGRADES, &[("result", r.label())])),
+                inherited: gauge(UPGRADE_INHERITED),
                 handle,
                 recorder,
             }),
@@ -351,6 +392,22 @@ impl Metrics {
     /// Counts a connection reset by the owner-change policy.
     pub fn owner_change_closed(&self) {
         self.inner.owner_change_closed.increment(1);
+    }
+
+    /// Counts a listener hand-over attempt by its `result`.
+    pub fn upgrade(&self, result: UpgradeResult) {
+        let i = UpgradeResult::ALL
+            .iter()
+            .position(|r| *r == result)
+            .unwrap_or(0);
+        if let Some(c) = self.inner.upgrades.get(i) {
+            c.increment(1);
+        }
+    }
+
+    /// Publishes how many listening sockets this process inherited from its predecessor.
+    pub fn set_inherited_listeners(&self, n: usize) {
+        self.inner.inherited.set(n as f64);
     }
 
     /// Registers the admin connection counter for one `result`.
@@ -676,6 +733,11 @@ fn describe(r: &PrometheusRecorder) {
             "Connections reset because their key changed owner (policy close).",
         ),
         d(
+            UPGRADES,
+            None,
+            "Listener hand-overs to a successor process, by result (handed_over, refused, failed).",
+        ),
+        d(
             DSR_HANDOFFS,
             None,
             "DSR hand-offs, by result: ok, or why the connection was spliced instead.",
@@ -738,6 +800,11 @@ fn describe(r: &PrometheusRecorder) {
             ROUTING_PANIC,
             None,
             "1 while too many backends are down and health is ignored.",
+        ),
+        d(
+            UPGRADE_INHERITED,
+            None,
+            "Listening sockets inherited from the predecessor at start (0: bound here).",
         ),
         d(
             DSR_FLOWS_ACTIVE,

@@ -102,6 +102,11 @@ fn every_example_passes_check() {
             "127.0.0.1:7000",
             "3 backends (shard-1, shard-2, legacy)",
         ),
+        (
+            "dsr.toml",
+            "127.0.0.1:7000",
+            "3 backends (snap-1, snap-2, legacy)",
+        ),
     ] {
         let path = example(name);
         let out = shardproxy(&["check", path.to_str().unwrap()]);
@@ -194,11 +199,14 @@ fn full_example_sets_every_key() {
     assert_eq!((h.eject_time, h.max_eject_time), (s(7), s(600)));
     assert_eq!(h.max_down_share, 0.4);
     assert_eq!(c.owner_change, OwnerChange::Close { grace: s(45) });
-    let dsr = c.dsr.as_ref().expect("[dsr]");
+    assert!(c.dsr.is_none(), "[dsr] has its own example");
+    let d = load("dsr.toml").proxy;
+    let dsr = d.dsr.as_ref().expect("[dsr]");
     assert_eq!(dsr.device, "eth0");
     assert_eq!(dsr.secret_file, dir.join("dsr.secret.example"));
     assert_eq!((dsr.handoff_timeout, dsr.flow_timeout), (ms(750), s(900)));
     assert_eq!(dsr.key_prefixes, vec![b"snap:".to_vec(), b"dump:".to_vec()]);
+    assert_eq!(d.backends[2].agent, None);
     let b: Vec<String> = c.backends.iter().map(ToString::to_string).collect();
     assert_eq!(
         b,

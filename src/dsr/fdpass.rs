@@ -152,13 +152,29 @@ fn peer_open(conn: &UnixStream) -> bool {
 
 /// One `sendmsg` of [`HANDOFF_BYTE`] with `fd`, waiting for room in the socket.
 async fn send_one(conn: &UnixStream, fd: BorrowedFd<'_>) -> io::Result<()> {
-    let fds = [fd.as_raw_fd()];
-    let payload = [HANDOFF_BYTE];
+    match send_with_fds(conn, &[HANDOFF_BYTE], &[fd.as_raw_fd()]).await {
+        Ok(1) => Ok(()),
+        Ok(n) => Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            format!("hand-off sendmsg sent {n} bytes of 1"),
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+/// One `sendmsg` of `payload` with `fds` in one `SCM_RIGHTS` control message, waiting for
+/// room in the socket; returns the payload bytes sent (the descriptors travel with the first
+/// of them). Shared with the listener hand-over of `proxy::upgrade`.
+pub(crate) async fn send_with_fds(
+    conn: &UnixStream,
+    payload: &[u8],
+    fds: &[RawFd],
+) -> io::Result<usize> {
     loop {
         conn.writable().await?;
         let sent = conn.try_io(Interest::WRITABLE, || {
-            let iov = [IoSlice::new(&payload)];
-            let cmsgs = [ControlMessage::ScmRights(&fds)];
+            let iov = [IoSlice::new(payload)];
+            let cmsgs = [ControlMessage::ScmRights(fds)];
             sendmsg::<()>(
                 conn.as_raw_fd(),
                 &iov,
@@ -169,15 +185,8 @@ async fn send_one(conn: &UnixStream, fd: BorrowedFd<'_>) -> io::Result<()> {
             .map_err(io::Error::from)
         });
         match sent {
-            Ok(1) => return Ok(()),
-            Ok(n) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    format!("hand-off sendmsg sent {n} bytes of 1"),
-                ))
-            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+            other => return other,
         }
     }
 }
@@ -445,10 +454,42 @@ struct Message {
 /// One `recvmsg` (non-blocking, `MSG_CMSG_CLOEXEC`) on `fd`; every descriptor the kernel
 /// installed is owned by the result before anything else can fail.
 fn receive(fd: RawFd, control: &mut [u8]) -> Result<Message, Errno> {
-    control.fill(0);
     let mut payload = [0u8; PAYLOAD_BUF];
+    let got = recv_with_fds(fd, &mut payload, control)?;
+    Ok(Message {
+        len: got.len,
+        first: payload[0],
+        truncated: got.truncated,
+        foreign: got.foreign,
+        fds: got.fds,
+    })
+}
+
+/// What one [`recv_with_fds`] delivered.
+#[derive(Debug)]
+pub(crate) struct Received {
+    /// Payload bytes received (0 with no descriptor: EOF).
+    pub len: usize,
+    /// `MSG_CTRUNC`: some descriptors or control data did not fit and were discarded.
+    pub truncated: bool,
+    /// Control messages other than `SCM_RIGHTS`.
+    pub foreign: usize,
+    /// Every descriptor delivered, owned (closed on drop).
+    pub fds: Vec<OwnedFd>,
+}
+
+/// One `recvmsg` (non-blocking, `MSG_CMSG_CLOEXEC`) on `fd` into `payload`, with `control`
+/// (from `nix::cmsg_space!`) for the descriptors; every descriptor the kernel installed is
+/// owned by the result before anything else can fail. Shared with the listener hand-over of
+/// `proxy::upgrade`.
+pub(crate) fn recv_with_fds(
+    fd: RawFd,
+    payload: &mut [u8],
+    control: &mut [u8],
+) -> Result<Received, Errno> {
+    control.fill(0);
     let (len, flags) = {
-        let mut iov = [IoSliceMut::new(&mut payload)];
+        let mut iov = [IoSliceMut::new(payload)];
         let msg = recvmsg::<()>(
             fd,
             &mut iov,
@@ -460,9 +501,8 @@ fn receive(fd: RawFd, control: &mut [u8]) -> Result<Message, Errno> {
     // Parsed by hand rather than with nix's iterator, which refuses a truncated buffer: with
     // MSG_CTRUNC the descriptors that fit were still installed and must be closed.
     let parsed = parse_control(control);
-    Ok(Message {
+    Ok(Received {
         len,
-        first: payload[0],
         truncated: flags.contains(MsgFlags::MSG_CTRUNC),
         foreign: parsed.foreign,
         fds: parsed.fds.into_iter().map(adopt).collect(),
@@ -603,7 +643,7 @@ fn judge(message: Message) -> Verdict {
 
 /// `SO_DOMAIN` is `AF_INET`/`AF_INET6`, `SO_TYPE` is `SOCK_STREAM`, `SO_PROTOCOL` is TCP
 /// (false for anything that is not a socket).
-fn is_tcp_stream(fd: &OwnedFd) -> bool {
+pub(crate) fn is_tcp_stream(fd: &OwnedFd) -> bool {
     let sock = SockRef::from(fd);
     matches!(sock.domain(), Ok(d) if d == Domain::IPV4 || d == Domain::IPV6)
         && matches!(sock.r#type(), Ok(t) if t == Type::STREAM)

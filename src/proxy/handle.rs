@@ -23,6 +23,8 @@ pub struct ProxyHandle {
     pub(super) control: Arc<Control>,
     /// The client-facing address (resolved if the port was 0).
     pub(super) local_addr: SocketAddr,
+    /// Every client-facing address: `local_addr`, then the extra listen addresses.
+    pub(super) local_addrs: Vec<SocketAddr>,
     /// The admin listener's address, if any.
     pub(super) admin_addr: Option<SocketAddr>,
     /// What the connections share (config, table, metrics, limits).
@@ -37,6 +39,8 @@ pub struct ProxyHandle {
     pub(super) tasks: Vec<JoinHandle<()>>,
     /// Worker threads (`Workers::Threads`).
     pub(super) threads: Vec<std::thread::JoinHandle<()>>,
+    /// Cancelled when a successor took the listening sockets over (`--upgrade-socket`).
+    pub(super) handed_over: CancellationToken,
 }
 
 /// Where the accept loops and their connections run.
@@ -87,6 +91,21 @@ impl ProxyHandle {
     /// The address clients connect to (resolved if the port was 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Every client-facing address, [`local_addr`](Self::local_addr) first, then the extra
+    /// listen addresses ([`ProxyConfig::also_listen`](crate::ProxyConfig::also_listen)).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    /// Cancelled once a successor process has taken over the listening sockets through the
+    /// upgrade socket and accepts on them. Its owner should then call
+    /// [`shutdown`](Self::shutdown), as on SIGTERM: this process stops accepting (its
+    /// listeners are closed, but the sockets and their accept queues live on in the
+    /// successor) and drains. Never cancelled without an upgrade socket.
+    pub fn handed_over(&self) -> CancellationToken {
+        self.handed_over.clone()
     }
 
     /// The admin address, if an admin listener runs.

@@ -181,7 +181,10 @@ pub(crate) async fn run_accept(
                     warn!("max connections reached: accepting paused until a connection ends");
                 }
                 tokio::select! {
-                    () = stop.cancelled() => break,
+                    () = stop.cancelled() => {
+                        tracker.spawn(serve_held(shared.clone(), client, ticket, kill.clone()));
+                        break;
+                    }
                     p = shared.limit.clone().acquire_owned() => match p {
                         Ok(p) => p,
                         Err(_) => break, // closed: never, but then nothing can be admitted
@@ -196,8 +199,11 @@ pub(crate) async fn run_accept(
                 if Throttle::ready(&mut pause_log) {
                     warn!("header-phase budget full: accepting paused until a header completes");
                 }
+                // Not given up when accepting stops (a drain or a hand-over): header phases
+                // end within the header timeout, and the client is served before the loop
+                // exits; only the drain deadline cuts it.
                 tokio::select! {
-                    () = stop.cancelled() => break,
+                    () = kill.cancelled() => break,
                     g = shared.admission.pending_slot(ticket) => g,
                 }
             }
@@ -226,6 +232,33 @@ impl<F: Future> Future for HoldingPermit<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         self.project().conn.poll(cx)
     }
+}
+
+/// A client the loop held at `max_connections` when accepting stopped (a drain, or a
+/// successor took the listeners): it was accepted, so it is served once a slot frees during
+/// the drain, not dropped; only the drain deadline (`kill`) cuts it.
+async fn serve_held(
+    shared: Arc<Shared>,
+    client: TcpStream,
+    ticket: SourceTicket,
+    kill: CancellationToken,
+) {
+    let slots = async {
+        let permit = shared.limit.clone().acquire_owned().await.ok()?;
+        Some((permit, shared.admission.pending_slot(ticket).await))
+    };
+    let held = tokio::select! {
+        () = kill.cancelled() => None,
+        s = slots => s,
+    };
+    let Some((permit, pending)) = held else {
+        return;
+    };
+    HoldingPermit {
+        conn: serve(shared.clone(), client, kill, pending),
+        _permit: permit,
+    }
+    .await;
 }
 
 /// Counts `client` against its source's pending-header cap; at the cap, resets it and returns

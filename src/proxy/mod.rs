@@ -19,6 +19,7 @@ mod pipe;
 mod proxy_protocol;
 mod rate;
 pub mod sockopt;
+mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -80,6 +81,11 @@ pub async fn start(config: ProxyConfig) -> Result<ProxyHandle, Error> {
 
 /// Validates `config`, binds, and starts serving with the given worker model. The admin
 /// listener (if any) runs on the caller's runtime.
+///
+/// With [`ProxyConfig::upgrade_socket`] set, a proxy already answering on that socket hands
+/// over its listening sockets instead (see [`upgrade`]): this process accepts on every one it
+/// received (whatever its worker count), tells the predecessor it is ready (the predecessor
+/// then drains), and serves the socket itself for the next upgrade.
 pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<ProxyHandle, Error> {
     config.validate()?;
     fit_to_fd_limit(&mut config);
@@ -98,24 +104,92 @@ pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<Pro
         Workers::Current => 1,
         Workers::Threads(n) => n.max(1),
     };
-    let listeners = bind_listeners(config.listen, count)?;
-    let local_addr = listeners[0].local_addr().map_err(|source| Error::Bind {
-        addr: config.listen,
-        source,
+    let inherited = match &config.upgrade_socket {
+        Some(path) => upgrade::take_over(path, &config).await?,
+        None => None,
+    };
+    // Bound before the listeners (a bad path fails the start before any port is taken) and
+    // before a predecessor is told "ready" (it keeps serving if this fails).
+    let upgrade_socket = match &config.upgrade_socket {
+        Some(path) => Some(upgrade::UpgradeSocket::prepare(path)?),
+        None => None,
+    };
+    let (listeners, admin_std, predecessor) = match inherited {
+        Some(i) => {
+            let n = i.data.len() + usize::from(i.admin.is_some());
+            metrics.set_inherited_listeners(n);
+            info!(
+                inherited = n,
+                client_listeners = i.data.len(),
+                admin = i.admin.is_some(),
+                "took over the running proxy's listening sockets"
+            );
+            let per_addr = i.data.len() / (1 + config.also_listen.len());
+            if matches!(workers, Workers::Threads(_)) && per_addr != count {
+                info!(
+                    requested = count,
+                    inherited = per_addr,
+                    "worker count differs from the predecessor's: one worker per inherited listener"
+                );
+            }
+            (i.data, i.admin, Some(i.predecessor))
+        }
+        None => {
+            let mut all = Vec::new();
+            for addr in std::iter::once(config.listen).chain(config.also_listen.iter().copied()) {
+                for l in bind_listeners(addr, count)? {
+                    let bound = l
+                        .local_addr()
+                        .map_err(|source| Error::Bind { addr, source })?;
+                    all.push((bound, l));
+                }
+            }
+            (all, bind_admin(config.admin)?, None)
+        }
+    };
+    let local_addrs = distinct(listeners.iter().map(|(addr, _)| *addr));
+    let local_addr = local_addrs.first().copied().ok_or(Error::Io {
+        context: "starting the listeners",
+        source: std::io::Error::other("no client listener"),
     })?;
-    let admin_listener = match config.admin {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| Error::Bind { addr, source })?,
-        ),
+    let admin_addr = match &admin_std {
+        Some(l) => Some(l.local_addr().map_err(|source| Error::Io {
+            context: "reading the admin listener's address",
+            source,
+        })?),
         None => None,
     };
-    let admin_addr = match &admin_listener {
-        Some(l) => Some(local_addr_of(l)?),
+    // Duplicates of every listening socket, for a successor.
+    let mut handed = Vec::new();
+    if upgrade_socket.is_some() {
+        let dup = |l: &std::net::TcpListener| {
+            l.try_clone()
+                .map(std::os::fd::OwnedFd::from)
+                .map_err(|source| Error::Io {
+                    context: "duplicating a listener for the upgrade socket",
+                    source,
+                })
+        };
+        for (addr, l) in &listeners {
+            handed.push(upgrade::Listening {
+                role: upgrade::Role::Listen,
+                addr: *addr,
+                fd: dup(l)?,
+            });
+        }
+        if let (Some(l), Some(addr)) = (&admin_std, admin_addr) {
+            handed.push(upgrade::Listening {
+                role: upgrade::Role::Admin,
+                addr,
+                fd: dup(l)?,
+            });
+        }
+    }
+    let admin_listener = match admin_std {
+        Some(l) => Some(from_std_admin(l)?),
         None => None,
     };
-    log_settings(&config, local_addr, admin_addr, count);
+    log_settings(&config, &local_addrs, admin_addr, listeners.len());
     let stop = CancellationToken::new();
     let dsr = match (&config.dsr, local_addr) {
         (Some(d), SocketAddr::V4(vip)) => Some(
@@ -148,7 +222,7 @@ pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<Pro
     let tracker = TaskTracker::new();
     let mut tasks = Vec::new();
     let mut threads = Vec::new();
-    for (i, std_listener) in listeners.into_iter().enumerate() {
+    for (i, (_, std_listener)) in listeners.into_iter().enumerate() {
         let accept = {
             let (shared, stop, kill, tracker) =
                 (shared.clone(), stop.clone(), kill.clone(), tracker.clone());
@@ -189,15 +263,41 @@ pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<Pro
         };
         tasks.push(tokio::spawn(admin::run_admin(
             l,
-            metrics,
+            metrics.clone(),
             config.admin_header_timeout,
             stop.clone(),
             crate::control::api::routes(control.clone(), token),
         )));
     }
+    if let Some(predecessor) = predecessor {
+        // Every socket has an accept loop now; the predecessor may stop accepting. If it
+        // cannot be told, it keeps accepting too: both serve until it is stopped.
+        match predecessor.ready().await {
+            Ok(()) => info!("told the predecessor to drain"),
+            Err(e) => {
+                warn!(error = %e, "could not tell the predecessor to drain; it keeps serving too")
+            }
+        }
+    }
+    // In place before the ready line, so the next upgrade can follow at once. This process
+    // serves either way: failing here only means it cannot be upgraded in place.
+    let handed_over = CancellationToken::new();
+    match upgrade_socket.map(upgrade::UpgradeSocket::install) {
+        Some(Ok(socket)) => tasks.push(tokio::spawn(socket.serve(
+            handed,
+            metrics,
+            stop.clone(),
+            handed_over.clone(),
+        ))),
+        Some(Err(e)) => {
+            warn!(error = %e, "cannot install the upgrade socket: this process cannot be upgraded in place")
+        }
+        None => {}
+    }
     Ok(ProxyHandle {
         control,
         local_addr,
+        local_addrs,
         admin_addr,
         shared,
         stop,
@@ -205,7 +305,40 @@ pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<Pro
         tracker,
         tasks,
         threads,
+        handed_over,
     })
+}
+
+/// The distinct values of `addrs`, in first-seen order.
+fn distinct(addrs: impl Iterator<Item = SocketAddr>) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for a in addrs {
+        if !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    out
+}
+
+/// Binds the admin listener, if one is configured (a plain listener, `SO_REUSEADDR`).
+fn bind_admin(addr: Option<SocketAddr>) -> Result<Option<std::net::TcpListener>, Error> {
+    match addr {
+        Some(addr) => std::net::TcpListener::bind(addr)
+            .map(Some)
+            .map_err(|source| Error::Bind { addr, source }),
+        None => Ok(None),
+    }
+}
+
+/// Registers the admin listener with the caller's runtime.
+fn from_std_admin(listener: std::net::TcpListener) -> Result<TcpListener, Error> {
+    listener
+        .set_nonblocking(true)
+        .and_then(|()| TcpListener::from_std(listener))
+        .map_err(|source| Error::Io {
+            context: "registering the admin listener with the runtime",
+            source,
+        })
 }
 
 /// Binds `count` listeners on `addr` (with `SO_REUSEPORT` when more than one; a port 0 is
@@ -243,13 +376,6 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> Result<std::net::TcpListener,
 fn from_std(listener: std::net::TcpListener) -> Result<TcpListener, Error> {
     TcpListener::from_std(listener).map_err(|source| Error::Io {
         context: "registering the listener with the runtime",
-        source,
-    })
-}
-
-fn local_addr_of(listener: &TcpListener) -> Result<SocketAddr, Error> {
-    listener.local_addr().map_err(|source| Error::Io {
-        context: "reading the admin listener's address",
         source,
     })
 }
@@ -298,7 +424,7 @@ fn fit_budget(pairs: usize, connections: usize, pipes: Option<usize>) -> (usize,
 
 fn log_settings(
     config: &ProxyConfig,
-    listen: SocketAddr,
+    listen: &[SocketAddr],
     admin: Option<SocketAddr>,
     listeners: usize,
 ) {
@@ -306,9 +432,19 @@ fn log_settings(
         1 => tokio::runtime::Handle::current().metrics().num_workers(),
         n => n,
     };
+    let listen = listen
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
     let fd_limit = sockopt::fd_limit().unwrap_or(0);
     info!(
         %listen,
+        listeners,
+        upgrade_socket = %config
+            .upgrade_socket
+            .as_ref()
+            .map_or_else(|| "off".to_string(), |p| p.display().to_string()),
         admin = %admin.map_or_else(|| "off".to_string(), |a| a.to_string()),
         backends = config.backends.len(),
         header = %config.header,
