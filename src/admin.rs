@@ -1,8 +1,11 @@
-//! The admin listener: Prometheus metrics and health over HTTP (loopback by default).
+//! The admin listener: Prometheus metrics, health and the admin API over HTTP (loopback by
+//! default).
 //!
 //! Routes:
 //! - `GET /metrics` — Prometheus text exposition (`metrics-exporter-prometheus`).
 //! - `GET /healthz` — `{"status":"ok"}` while the proxy runs.
+//! - the routes its owner adds: the proxy's admin API (`crate::control::api`); none for the
+//!   DSR agent.
 //!
 //! HTTP is served by hyper's HTTP/1 connection driver with the axum router as its service;
 //! nothing here is hand-written protocol code. It never touches the data path, but it shares

@@ -162,7 +162,7 @@ pub struct CheckArgs {
 /// `shardproxy run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// TOML configuration file (docs/config.md). Flags given on the command line override
+    /// TOML configuration file (README.md, "Operating"). Flags given on the command line override
     /// its values; `--backend` replaces its whole backend list.
     #[arg(long = "config", value_name = "FILE")]
     pub config_file: Option<PathBuf>,

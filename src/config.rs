@@ -213,7 +213,7 @@ pub const DEFAULT_MAX_EJECT_TIME: Duration = Duration::from_secs(300);
 /// down, health is ignored and every backend is routed to as if up.
 pub const DEFAULT_MAX_DOWN_SHARE: f64 = 0.5;
 
-/// Health checking (docs/operating.md): active probes and passive ejection.
+/// Health checking (README.md, "Operating"): active probes and passive ejection.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthConfig {
     /// Active probes on (the default): a TCP connect to each backend every `interval`.

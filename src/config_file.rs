@@ -1,5 +1,5 @@
 //! The TOML configuration file: `shardproxy run --config FILE` and `shardproxy check FILE`
-//! (the keys, their defaults and meanings are in docs/config.md).
+//! (the keys, their defaults and meanings are in README.md, "Operating").
 //!
 //! The file is deserialized with serde into structs that refuse unknown keys, converted into
 //! a [`ProxyConfig`] (plus the worker count, which is not part of it) and validated with

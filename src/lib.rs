@@ -14,7 +14,7 @@
 //! - [`control`]: the control plane — membership changes (admin API, SIGHUP reload),
 //!   health checks, drains — validated, then swapped in whole.
 //! - [`metrics`]: metric names in one place and the handles the data path bumps.
-//! - `admin`: `/metrics` and `/healthz` over HTTP.
+//! - `admin`: `/metrics`, `/healthz` and the admin API's routes over HTTP.
 //! - [`dsr`]: direct server return: the proxy's hand-off, the agent, and their parts
 //!   (TCP_REPAIR, the control channel, steering, fd passing, netlink).
 //! - [`error`]: error enums per layer, each classified by side and reason.

@@ -1,4 +1,4 @@
-//! The admin API: the membership as JSON, and its changes (docs/operating.md has the curl
+//! The admin API: the membership as JSON, and its changes (README.md, "Operating", has the curl
 //! examples). Served by the admin listener (`crate::admin`) next to `/metrics`.
 //!
 //! - `GET /backends` → `[{"name","addr","weight","state","active_connections", ...}]`

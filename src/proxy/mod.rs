@@ -83,7 +83,7 @@ pub async fn start(config: ProxyConfig) -> Result<ProxyHandle, Error> {
 /// listener (if any) runs on the caller's runtime.
 ///
 /// With [`ProxyConfig::upgrade_socket`] set, a proxy already answering on that socket hands
-/// over its listening sockets instead (see [`upgrade`]): this process accepts on every one it
+/// over its listening sockets instead (`proxy/upgrade.rs`): this process accepts on every one it
 /// received (whatever its worker count), tells the predecessor it is ready (the predecessor
 /// then drains), and serves the socket itself for the next upgrade.
 pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<ProxyHandle, Error> {
