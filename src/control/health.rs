@@ -183,8 +183,13 @@ impl Task {
                 () = self.state.ejection_requested() => true,
             };
             if ejection_now {
+                // A wake-up stored while the backend was down (or before a re-admission
+                // reset the run) is stale: only a run that is still at the threshold ejects.
                 if self.state.health() == Health::Down {
                     self.state.reset_failures();
+                    continue;
+                }
+                if self.state.failures() < self.cfg.eject_after {
                     continue;
                 }
                 if up_since.elapsed() > self.cfg.max_eject_time {
@@ -296,6 +301,49 @@ mod tests {
         let distinct: std::collections::HashSet<_> = waits.iter().collect();
         assert!(distinct.len() > 900, "{} distinct waits", distinct.len());
         assert_eq!(j.around(base, 0.0), base);
+    }
+
+    /// A wake-up the data path stored before a re-admission reset the run of failures must
+    /// not eject the re-admitted backend.
+    #[tokio::test]
+    async fn a_stale_ejection_wakeup_ejects_nothing() {
+        let metrics = crate::metrics::Metrics::new();
+        let bm = metrics.backend("b1");
+        let state = Arc::new(BackendState::new(bm.active.clone()));
+        let cfg = HealthConfig {
+            active: false,
+            eject_after: 2,
+            interval: Duration::from_secs(3600),
+            ..HealthConfig::default()
+        };
+        assert!(!state.connect_failed(2));
+        assert!(
+            state.connect_failed(2),
+            "the second failure asks for an ejection"
+        );
+        state.reset_failures(); // as a re-admission does
+        let task = Task {
+            name: "b1".into(),
+            addr: ([127, 0, 0, 1], 1).into(),
+            state: state.clone(),
+            metrics: bm.clone(),
+            cfg: cfg.clone(),
+            owner: Weak::new(),
+        };
+        let cancel = CancellationToken::new();
+        let run = tokio::spawn(task.run(cancel.clone()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(state.health(), Health::Up, "ejected on a stale wake-up");
+        // A real run of failures still ejects.
+        state.connect_failed(2);
+        state.connect_failed(2);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while state.health() == Health::Up && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(state.health(), Health::Down, "a real run did not eject");
+        cancel.cancel();
+        run.await.unwrap();
     }
 
     #[tokio::test]

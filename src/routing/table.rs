@@ -113,6 +113,11 @@ impl BackendState {
         }
     }
 
+    /// Client connect failures in a row now.
+    pub fn failures(&self) -> u32 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
     /// Starts a new run of failures (after an ejection, or when a probe re-admits it).
     pub fn reset_failures(&self) {
         self.failures.store(0, Ordering::Relaxed);
