@@ -15,15 +15,13 @@ use std::process::{Child, Command as Process, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use common::process::{self, output_within, text, HANG_GUARD};
 use common::*;
 use shardproxy::cli::{Cli, Command};
 use shardproxy::config::{Failover, OwnerChange, SourceRate};
 use shardproxy::config_file::{self, FileConfig};
 use shardproxy::header::{Endian, HeaderMode, LenBytes};
 use shardproxy::HeaderFormat;
-
-/// Generous guard against a hang; never a performance assertion.
-const HANG_GUARD: Duration = Duration::from_secs(30);
 
 fn example(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -55,32 +53,7 @@ impl Drop for TempFile {
 
 /// Runs `shardproxy ARGS` to completion (killed after [`HANG_GUARD`]).
 fn shardproxy(args: &[&str]) -> Output {
-    let child = Process::new(env!("CARGO_BIN_EXE_shardproxy"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn shardproxy");
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(HANG_GUARD) {
-        Ok(out) => out.expect("wait for shardproxy"),
-        Err(_) => {
-            let _ = Process::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            let _ = rx.recv();
-            panic!("shardproxy {args:?} did not exit within {HANG_GUARD:?}");
-        }
-    }
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+    output_within(process::shardproxy().args(args), HANG_GUARD)
 }
 
 #[test]

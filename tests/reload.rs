@@ -4,25 +4,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::process::{parse_ready, Daemon};
 use common::*;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use shardproxy::fixtures::client::round_trip;
 use shardproxy::HeaderFormat;
-
-struct Proxy(Child);
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn config(backends: &[(&str, SocketAddr)], extra: &str) -> String {
     let mut text = format!("listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n{extra}\n");
@@ -67,30 +56,17 @@ async fn sighup_applies_a_valid_file_and_keeps_the_table_on_a_broken_one() {
     let file = dir.join("proxy.toml");
     std::fs::write(&file, config(&addrs[..2], "")).unwrap();
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shardproxy"))
-        .args(["run", "--workers", "1", "--config"])
-        .arg(&file)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start shardproxy");
-    let stdout = child.stdout.take().unwrap();
-    let proxy = Proxy(child);
-    let pid = Pid::from_raw(proxy.0.id() as i32);
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let (listen, admin): (SocketAddr, SocketAddr) = match words.as_slice() {
-        ["listening", "on", l, "admin", a] => (l.parse().unwrap(), a.parse().unwrap()),
-        _ => panic!("unexpected ready line {line:?}"),
-    };
+    let file_arg = file.to_str().expect("a UTF-8 temp path");
+    let (mut proxy, ready) = Daemon::start(&["run", "--workers", "1", "--config", file_arg]);
+    let (listen, admin) = parse_ready(&ready);
+    let admin = admin.expect("the file names an admin listener");
     let text = metrics(admin).await;
     assert_eq!(metric(&text, "shardproxy_routing_table_generation"), 1.0);
     let fingerprint2 = metric(&text, "shardproxy_routing_table_fingerprint");
 
     // A valid file with a third backend: applied.
     std::fs::write(&file, config(&addrs, "")).unwrap();
-    kill(pid, Signal::SIGHUP).unwrap();
+    proxy.signal(Signal::SIGHUP);
     let text = until(admin, "shardproxy_config_reloads_total{result=\"ok\"}", 1.0).await;
     assert_eq!(metric(&text, "shardproxy_routing_table_generation"), 2.0);
     let fingerprint3 = metric(&text, "shardproxy_routing_table_fingerprint");
@@ -113,7 +89,7 @@ async fn sighup_applies_a_valid_file_and_keeps_the_table_on_a_broken_one() {
     ];
     for (i, text) in broken.iter().enumerate() {
         std::fs::write(&file, text).unwrap();
-        kill(pid, Signal::SIGHUP).unwrap();
+        proxy.signal(Signal::SIGHUP);
         let text = until(
             admin,
             "shardproxy_config_reloads_total{result=\"failed\"}",
@@ -135,7 +111,7 @@ async fn sighup_applies_a_valid_file_and_keeps_the_table_on_a_broken_one() {
 
     // A valid file again: applied, and the drain of a removed backend's keys is immediate.
     std::fs::write(&file, config(&[addrs[0], addrs[2]], "")).unwrap();
-    kill(pid, Signal::SIGHUP).unwrap();
+    proxy.signal(Signal::SIGHUP);
     until(admin, "shardproxy_config_reloads_total{result=\"ok\"}", 2.0).await;
     let (_, backends) = http_get(admin, "/backends").await;
     assert!(!backends.contains("\"b2\""), "{backends}");

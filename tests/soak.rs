@@ -6,13 +6,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::process::{parse_ready, Daemon};
 use common::*;
 use shardproxy::fixtures::client::round_trip;
 use shardproxy::fixtures::echo::EchoBackend;
@@ -21,39 +19,25 @@ use shardproxy::HeaderFormat;
 const CONNECTIONS: usize = 100_000;
 const CONCURRENCY: usize = 32;
 
-/// The proxy process, killed (by PID) if the test ends early.
-struct Proxy(Child);
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proxy {
-    fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.0.id()))
-            .expect("read the proxy's fd table")
-            .count()
-    }
-
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .expect("VmRSS")
-    }
+/// A process's open fds and resident memory (KiB), from /proc.
+fn fds_and_rss(pid: u32) -> (usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read the proxy's fd table")
+        .count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS");
+    (fds, rss)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_and_membership_changes_leave_no_fds_or_memory_behind() {
     let backends = echo_backends(4).await;
     let fifth = EchoBackend::start(any_port(), "b5").await.unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardproxy"));
-    cmd.args([
+    let mut args: Vec<String> = [
         "run",
         "--listen",
         "127.0.0.1:0",
@@ -61,24 +45,18 @@ async fn connections_and_membership_changes_leave_no_fds_or_memory_behind() {
         "127.0.0.1:0",
         "--workers",
         "2",
-    ]);
+    ]
+    .map(String::from)
+    .to_vec();
     for b in specs(&backends) {
-        cmd.arg("--backend").arg(b.to_string());
+        args.push("--backend".into());
+        args.push(b.to_string());
     }
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start shardproxy");
-    let stdout = child.stdout.take().unwrap();
-    let proxy = Proxy(child);
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let (listen, admin_addr): (SocketAddr, SocketAddr) = match words.as_slice() {
-        ["listening", "on", l, "admin", a] => (l.parse().unwrap(), a.parse().unwrap()),
-        _ => panic!("unexpected ready line {line:?}"),
-    };
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (proxy, ready) = Daemon::start(&args);
+    let (listen, admin_addr) = parse_ready(&ready);
+    let admin_addr = admin_addr.expect("admin listener");
+    let pid = proxy.pid();
     let fmt = HeaderFormat::default();
     let keys = Arc::new(keys(5000));
 
@@ -94,7 +72,7 @@ async fn connections_and_membership_changes_leave_no_fds_or_memory_behind() {
     .await;
     assert!(warm.iter().all(|ok| *ok), "warm-up connections failed");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (fds0, rss0) = (proxy.open_fds(), proxy.rss_kib());
+    let (fds0, rss0) = fds_and_rss(pid);
 
     // Membership changes every second while the connections run.
     let done = Arc::new(AtomicBool::new(false));
@@ -143,13 +121,13 @@ async fn connections_and_membership_changes_leave_no_fds_or_memory_behind() {
     assert!(changes >= 3, "only {changes} membership changes ran");
 
     // Closed connections' sockets and pipes are released; give the workers a moment.
-    let mut settled = (proxy.open_fds(), proxy.rss_kib());
+    let mut settled = fds_and_rss(pid);
     for _ in 0..50 {
         if settled.0 <= fds0 + 8 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        settled = (proxy.open_fds(), proxy.rss_kib());
+        settled = fds_and_rss(pid);
     }
     let (fds1, rss1) = settled;
     eprintln!(

@@ -2,6 +2,8 @@
 //! a Prometheus text reader and deterministic data. Everything binds 127.0.0.1:0.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
