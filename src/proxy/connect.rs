@@ -17,8 +17,7 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
 use super::sockopt::set_stream_options;
-use super::Shared;
-use crate::config::{Failover, MAX_TRIES};
+use crate::config::{Failover, ProxyConfig, MAX_TRIES};
 use crate::error::ConnError;
 use crate::metrics::ConnectFailure;
 use crate::routing::{ActiveSlot, Health, KeyDigest, RoutingTable};
@@ -43,13 +42,12 @@ pub(crate) enum OpenError {
 /// backend at its `max_connections` fails the connection at once (`backend_full`), never
 /// moving the key. The returned slot holds the connection's place in the backend's cap.
 pub(super) async fn connect(
-    shared: &Shared,
+    cfg: &ProxyConfig,
     table: &RoutingTable,
     digest: KeyDigest,
     preamble: &[u8],
     client: &TcpStream,
 ) -> Result<(usize, TcpStream, ActiveSlot), (ConnError, Option<Arc<str>>)> {
-    let cfg = shared.config.load_full();
     let tries = (cfg.effective_tries() as usize).min(MAX_TRIES as usize);
     let mut tried = [usize::MAX; MAX_TRIES as usize];
     let mut n = 0;

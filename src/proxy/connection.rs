@@ -155,7 +155,7 @@ async fn phases(
     let connected = Box::pin(async {
         tokio::select! {
             biased;
-            r = connect(shared, &table, digest, preamble, client) => r,
+            r = connect(&cfg, &table, digest, preamble, client) => r,
             () = kill.cancelled() => Err((ConnError::Shutdown, None)),
         }
     })
