@@ -3,10 +3,14 @@
 //!
 //! - [`etcd`]: a small client wrapper (range, watch, leases) and the
 //!   `etcd://HOST:PORT[,HOST:PORT...]/PREFIX` URL.
+//! - [`source`]: the proxy's membership task (start-up read or cache, watch, debounce,
+//!   reconnect and resync, cache file, metrics) feeding the control plane.
 //!
 //! Layout in etcd: one key per backend, `PREFIX/backends/NAME`, whose value is the admin
 //! API's PUT body, `{"addr":"HOST:PORT","weight":N}` (weight 0 drains it).
 
 pub mod etcd;
+pub mod source;
 
 pub use etcd::{EtcdError, MembershipUrl};
+pub use source::MembershipStatus;
