@@ -898,4 +898,18 @@ mod tests {
         c.backends.clear();
         assert!(matches!(c.validate(), Err(ConfigError::NoBackends)));
     }
+
+    #[test]
+    fn an_empty_backend_set_is_valid_only_from_etcd() {
+        let mut c = ProxyConfig::new(([127, 0, 0, 1], 0).into(), Vec::new());
+        assert!(matches!(c.validate(), Err(ConfigError::NoBackends)));
+        let url = "etcd://127.0.0.1:2379/sp".parse().unwrap();
+        c.membership = Some(MembershipConfig::new(url));
+        c.validate().expect("an empty set from etcd is valid");
+        if let Some(m) = &mut c.membership {
+            m.debounce = Duration::from_secs(61);
+        }
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("membership.debounce"), "{e}");
+    }
 }
