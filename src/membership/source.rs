@@ -406,7 +406,7 @@ fn commit(control: &Control, status: &MembershipStatus, cache: Option<&Path>, st
 }
 
 /// A delay in `[d/2, d]`, so that proxies that lost etcd together do not come back in step.
-fn jittered(d: Duration) -> Duration {
+pub(crate) fn jittered(d: Duration) -> Duration {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |t| t.subsec_nanos());
