@@ -423,6 +423,18 @@ pub(crate) fn spawn(
     tokio::spawn(run(control, boot, stop))
 }
 
+/// `fut`'s output, or `None` once `stop` is cancelled (the proxy's shutdown does not wait
+/// for an etcd request in flight).
+async fn unless_stopped<T>(
+    stop: &CancellationToken,
+    fut: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        () = stop.cancelled() => None,
+        v = fut => Some(v),
+    }
+}
+
 async fn run(control: Arc<Control>, boot: Boot, stop: CancellationToken) {
     let Some(status) = control.membership().cloned() else {
         return;
@@ -458,7 +470,12 @@ async fn run(control: Arc<Control>, boot: Boot, stop: CancellationToken) {
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 status.metrics.reconnects.increment(1);
-                match Etcd::connect(&m.url, next, REQUEST_TIMEOUT).await {
+                let Some(connected) =
+                    unless_stopped(&stop, Etcd::connect(&m.url, next, REQUEST_TIMEOUT)).await
+                else {
+                    return;
+                };
+                match connected {
                     Ok(c) => {
                         need_read = true;
                         client.insert(c)
@@ -473,7 +490,10 @@ async fn run(control: Arc<Control>, boot: Boot, stop: CancellationToken) {
         };
         let i = *i;
         if need_read {
-            match etcd.get_prefix(&prefix).await {
+            let Some(read) = unless_stopped(&stop, etcd.get_prefix(&prefix)).await else {
+                return;
+            };
+            match read {
                 Ok((kvs, revision)) => {
                     state.reset(kvs, revision);
                     commit(&control, &status, cache, &mut state);
@@ -487,7 +507,12 @@ async fn run(control: Arc<Control>, boot: Boot, stop: CancellationToken) {
                 }
             }
         }
-        let mut watch = match etcd.watch_prefix(&prefix, state.revision + 1).await {
+        let Some(watched) =
+            unless_stopped(&stop, etcd.watch_prefix(&prefix, state.revision + 1)).await
+        else {
+            return;
+        };
+        let mut watch = match watched {
             Ok(w) => w,
             Err(EtcdError::Compacted(_)) => {
                 need_read = true;
