@@ -356,7 +356,8 @@ pub struct Watch {
 impl Watch {
     /// The next batch of events and the revision it brings the store to. An empty batch is
     /// a created or progress notice. A compacted start revision, a cancelled watch or a
-    /// closed stream end the watch with an error.
+    /// closed stream end the watch with an error. Cancel-safe (tonic's `Streaming::message`
+    /// keeps a partly read message in the stream), so it can be raced against a timer.
     pub async fn next(&mut self) -> Result<(Vec<WatchEvent>, i64), EtcdError> {
         let resp = match self.inbound.message().await {
             Ok(Some(r)) => r,
