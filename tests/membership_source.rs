@@ -310,8 +310,14 @@ async fn a_compaction_then_a_change_is_applied() {
     let etcd = Etcd::start();
     let backends = echo_backends(2).await;
     etcd.put("b1", &body(backends[0].local_addr()));
+    etcd.put("bad", "{");
     let proxy = shardproxy::start(config(&etcd, None)).await.expect("start");
     assert_eq!(names(&proxy), ["b1"]);
+    // A bad value found by the start-up read is counted too.
+    wait_metric(&proxy, "shardproxy_membership_invalid_values_total", |v| {
+        v == 1.0
+    })
+    .await;
     for i in 0..5 {
         etcd.put("noise", &format!(r#"{{"addr":"127.0.0.1:{}"}}"#, 1000 + i));
     }
