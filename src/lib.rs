@@ -13,6 +13,8 @@
 //! - [`proxy`]: listener, connection phases, splice forwarding, socket options.
 //! - [`control`]: the control plane — membership changes (admin API, SIGHUP reload),
 //!   health checks, drains — validated, then swapped in whole.
+//! - [`membership`]: the membership from an etcd prefix (`run --membership`) and the
+//!   `register` sidecar that keeps a backend's key there.
 //! - [`metrics`]: metric names in one place and the handles the data path bumps.
 //! - `admin`: `/metrics`, `/healthz` and the admin API's routes over HTTP.
 //! - [`dsr`]: direct server return: the proxy's hand-off, the agent, and their parts
