@@ -189,7 +189,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "URL", value_parser = parse_membership_url)]
     pub membership: Option<crate::membership::MembershipUrl>,
     /// File keeping the last membership read from etcd, used at start when etcd cannot be
-    /// reached (with --membership, or [membership] in --config).
+    /// reached (with --membership, or `[membership]` in --config).
     #[arg(long, value_name = "PATH")]
     pub membership_cache: Option<PathBuf>,
     /// Admin/metrics address (GET /metrics, /healthz); no admin listener if absent.

@@ -1,9 +1,9 @@
 //! The proxy's membership task with `--membership etcd://.../PREFIX`.
 //!
-//! - **Start** ([`boot`]): one Range over `PREFIX/backends/` gives the set and its revision
+//! - **Start** (`boot`): one Range over `PREFIX/backends/` gives the set and its revision
 //!   (within [`START_TIMEOUT`]); if etcd cannot be reached the cache file is used; with
 //!   neither the proxy does not start. An empty prefix is a valid (empty) set.
-//! - **Follow** ([`spawn`]): a watch from revision+1; events within the debounce are
+//! - **Follow** (`spawn`): a watch from revision+1; events within the debounce are
 //!   coalesced into one table swap (`Control::replace_from_source`). A value that does not
 //!   decode (the admin API's PUT body, one decoder for both) is logged with its key and why,
 //!   counted, and the key is treated as absent; the others apply. After each applied change
