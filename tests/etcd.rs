@@ -879,3 +879,69 @@ async fn the_admin_api_says_the_membership_comes_from_etcd_and_refuses_to_change
         "names both flags: {err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_three_endpoints_a_proxy_follows_the_cluster_through_any_lost_member() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = common::etcd::EtcdCluster::start(3);
+    let b = echo_backends(3).await;
+    let prefix = "/shardproxy/cluster";
+    let url = cluster.url(prefix);
+    cluster.put(&bkey(prefix, "b1"), &bvalue(b[0].local_addr(), 1));
+    cluster.put(&bkey(prefix, "b2"), &bvalue(b[1].local_addr(), 1));
+    let rev = cluster.put(&bkey(prefix, "b3"), &bvalue(b[2].local_addr(), 1));
+    let proxies = vec![Proxy::start(&url, None)];
+    seen_by_all(&proxies, rev, CONVERGE).await;
+    names_on_all(&proxies, &["b1", "b2", "b3"], CONVERGE).await;
+
+    // Each member in turn is SIGKILLed (so the one the proxy watches through is, once); a
+    // change made through the two others reaches the proxy, which stays connected.
+    for i in 0..3 {
+        cluster.kill(i);
+        let weight = 2 + i as u32;
+        let rev = cluster.put(&bkey(prefix, "b3"), &bvalue(b[2].local_addr(), weight));
+        let took = seen_by_all(&proxies, rev, RECONNECT).await;
+        eprintln!("member {i} killed: b3 weight {weight} (revision {rev}) applied after {took:?}");
+        until(
+            &format!("connected with member {i} down"),
+            RECONNECT,
+            || async { proxies[0].gauge("shardproxy_membership_connected").await == 1.0 },
+        )
+        .await;
+        let r = router(&[("b1", 1), ("b2", 1), ("b3", weight)]);
+        for k in keys(20) {
+            assert_eq!(proxies[0].answer(&k).await, r.rank_names(&k)[0]);
+        }
+        cluster.restart(i);
+    }
+    let rev = cluster.delete(&bkey(prefix, "b2"));
+    seen_by_all(&proxies, rev, RECONNECT).await;
+    names_on_all(&proxies, &["b1", "b3"], CONVERGE).await;
+}
+
+/// The fixture itself (no proxy): what the other tests rely on it for.
+#[test]
+fn the_etcd_fixture_puts_gets_compacts_and_survives_a_restart() {
+    let mut etcd = Etcd::start();
+    let r1 = etcd.put("/t/a", "{\"addr\":\"127.0.0.1:1\"}");
+    let r2 = etcd.put("/t/b", "-starts-with-a-dash");
+    assert!(r2 > r1);
+    assert_eq!(etcd.get("/t/b").expect("b").value, "-starts-with-a-dash");
+    assert_eq!(etcd.compact(), r2);
+    etcd.kill();
+    assert!(etcd.pid().is_none());
+    assert!(
+        std::net::TcpStream::connect(etcd.client).is_err(),
+        "nothing answers on the client port after the kill"
+    );
+    etcd.restart();
+    assert_eq!(etcd.revision(), r2, "same data dir");
+    let entry = etcd.get("/t/a").expect("kept across the restart");
+    assert_eq!(entry.lease, 0);
+    assert!(etcd.delete("/t/a") > r2);
+    assert_eq!(etcd.get("/t/a"), None);
+    assert!(etcd.leases().is_empty());
+    let dir = etcd.dir().to_path_buf();
+    drop(etcd);
+    assert!(!dir.exists(), "the data dir is removed");
+}
