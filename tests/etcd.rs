@@ -945,3 +945,35 @@ fn the_etcd_fixture_puts_gets_compacts_and_survives_a_restart() {
     drop(etcd);
     assert!(!dir.exists(), "the data dir is removed");
 }
+
+/// The cluster fixture: a write through two members while the third is down, seen by all
+/// three once it is back.
+#[test]
+fn the_etcd_cluster_fixture_writes_with_a_member_down_and_rejoins_it() {
+    let mut cluster = common::etcd::EtcdCluster::start(3);
+    cluster.kill(1);
+    let rev = cluster.put("/t/k", "v");
+    cluster.restart(1);
+    // Each member, the restarted one included, has the write in its own store (a
+    // serializable read answers locally; a restarted member may lag a moment: bounded wait).
+    for m in &cluster.members {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = common::etcd::etcdctl(
+                &m.client.to_string(),
+                &["get", "--consistency=s", "--print-value-only", "/t/k"],
+            );
+            if out.status.success() && text(&out.stdout).trim() == "v" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "member {} lacks the write",
+                m.client
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    assert_eq!(cluster.get("/t/k").expect("the key").value, "v");
+    assert!(cluster.revision() >= rev);
+}
