@@ -1,5 +1,5 @@
 //! Command-line interface (clap): `run`, `check`, `route`, `demo`, `backend`, `client`,
-//! `agent`.
+//! `agent`, `register`.
 //!
 //! Parsing only: every flag maps onto [`ProxyConfig`] or a subcommand's options, values are
 //! checked as they are parsed, and a bad flag gets clap's message and exit code 2.
@@ -17,8 +17,9 @@ use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand,
 
 use crate::config::{
     parse_duration, parse_len_bytes, parse_optional_duration, BackendSpec, DsrConfig, Failover,
-    OwnerChange, ProxyConfig, SourceRate, DEFAULT_EJECT_AFTER, DEFAULT_HEALTH_FALL,
-    DEFAULT_HEALTH_RISE, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_DOWN_SHARE, DEFAULT_MAX_TRIES,
+    MembershipConfig, OwnerChange, ProxyConfig, SourceRate, DEFAULT_EJECT_AFTER,
+    DEFAULT_HEALTH_FALL, DEFAULT_HEALTH_RISE, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_DOWN_SHARE,
+    DEFAULT_MAX_TRIES,
 };
 use crate::config_file::{ConfigFileError, FileConfig};
 use crate::error::ConfigError;
@@ -85,6 +86,9 @@ pub enum Command {
     /// Run the DSR agent on a backend host: rebuild handed-off connections, give them to
     /// the application.
     Agent(AgentArgs),
+    /// Keep a backend registered in an etcd prefix (`PREFIX/backends/NAME`, on a lease)
+    /// while its local TCP check passes; delete it and revoke the lease on SIGTERM/SIGINT.
+    Register(RegisterArgs),
 }
 
 /// The key header format flags, shared by `run` and `client`.
@@ -172,8 +176,22 @@ pub struct RunArgs {
     /// A backend: `NAME=HOST:PORT[,weight=N][,agent=HOST:PORT][,max_connections=N]
     /// [,proxy_protocol=v2|none]`. Repeat for each; order does not matter. `agent=` names
     /// the DSR agent on the backend's host (required without --config).
-    #[arg(long = "backend", required_unless_present = "config_file", value_parser = parse_backend)]
+    #[arg(
+        long = "backend",
+        required_unless_present_any = ["config_file", "membership"],
+        conflicts_with = "membership",
+        value_parser = parse_backend
+    )]
     pub backends: Vec<BackendSpec>,
+    /// Take the backends from etcd instead: `etcd://HOST:PORT[,HOST:PORT...]/PREFIX`, one
+    /// key per backend at `PREFIX/backends/NAME` holding `{"addr":"HOST:PORT","weight":N}`.
+    /// The admin API then cannot change the membership.
+    #[arg(long, value_name = "URL", value_parser = parse_membership_url)]
+    pub membership: Option<crate::membership::MembershipUrl>,
+    /// File keeping the last membership read from etcd, used at start when etcd cannot be
+    /// reached (with --membership).
+    #[arg(long, value_name = "PATH", requires = "membership")]
+    pub membership_cache: Option<PathBuf>,
     /// Admin/metrics address (GET /metrics, /healthz); no admin listener if absent.
     #[arg(long)]
     pub admin: Option<SocketAddr>,
@@ -488,8 +506,92 @@ impl RunArgs {
         if set("admin_token_file") {
             c.admin_token_file = self.admin_token_file.clone();
         }
+        if set("membership") {
+            if let Some(url) = &self.membership {
+                let mut m = c
+                    .membership
+                    .take()
+                    .unwrap_or_else(|| MembershipConfig::new(url.clone()));
+                m.url = url.clone();
+                c.membership = Some(m);
+            }
+        }
+        if set("membership_cache") && self.membership_cache.is_some() {
+            if let Some(m) = &mut c.membership {
+                m.cache_file = self.membership_cache.clone();
+            }
+        }
+        if c.membership.is_some() && !c.backends.is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "--membership",
+                why: "the backends come from etcd: give --membership ([membership]) or \
+                      --backend ([[backend]]), not both"
+                    .into(),
+            });
+        }
         Ok(())
     }
+}
+
+/// `shardproxy register`.
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    /// The etcd prefix: `etcd://HOST:PORT[,HOST:PORT...]/PREFIX`.
+    #[arg(long, value_name = "URL", value_parser = parse_membership_url)]
+    pub membership: crate::membership::MembershipUrl,
+    /// The backend's name (its key is `PREFIX/backends/NAME`).
+    #[arg(long, value_parser = parse_backend_name)]
+    pub name: String,
+    /// Where the proxies connect to the backend: HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
+    pub addr: String,
+    /// The backend's weight (0 takes no new keys).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=i64::from(crate::routing::MAX_WEIGHT)))]
+    pub weight: u32,
+    /// The local TCP check: the key is kept while a connect here succeeds [default: --addr].
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
+    pub check: Option<String>,
+    /// The lease's time to live: after a SIGKILL the key goes by itself this long after.
+    #[arg(long, default_value = "5s", value_parser = parse_ttl)]
+    pub ttl: Duration,
+    /// Time between local checks (fall 2 / rise 2).
+    #[arg(long, default_value = "1s", value_parser = parse_check_interval)]
+    pub check_interval: Duration,
+}
+
+fn parse_membership_url(s: &str) -> Result<crate::membership::MembershipUrl, String> {
+    s.parse()
+        .map_err(|e: crate::membership::EtcdError| e.to_string())
+}
+
+fn parse_backend_name(s: &str) -> Result<String, String> {
+    let spec = BackendSpec::new(s, SocketAddr::from(([127, 0, 0, 1], 1)));
+    let config = ProxyConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), Vec::new());
+    crate::control::validate_spec(&spec, &config)
+        .map(|()| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn parse_host_port(s: &str) -> Result<String, String> {
+    crate::config::resolve(s.trim()).map(|_| s.trim().to_string())
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(2) || d > Duration::from_secs(3600) {
+        return Err(format!(
+            "{s}: the lease TTL must be 2s..=1h (etcd leases count whole seconds)"
+        ));
+    }
+    Ok(d)
+}
+
+fn parse_check_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(10) || d > Duration::from_secs(3600) {
+        return Err(format!("{s}: the check interval must be 10ms..=1h"));
+    }
+    Ok(d)
 }
 
 /// `shardproxy route`.

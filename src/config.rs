@@ -347,6 +347,36 @@ pub struct ProxyConfig {
     /// Unix socket where this process hands its listeners to a successor
     /// (zero-downtime upgrade); `None`: no upgrades.
     pub upgrade_socket: Option<std::path::PathBuf>,
+    /// The membership comes from etcd (`--membership`): `backends` is filled from there at
+    /// start and follows the prefix; the admin API cannot change it.
+    pub membership: Option<MembershipConfig>,
+}
+
+/// Default time membership events are collected before one table swap.
+pub const DEFAULT_MEMBERSHIP_DEBOUNCE: Duration = Duration::from_millis(100);
+/// Longest membership debounce accepted.
+pub const MAX_MEMBERSHIP_DEBOUNCE: Duration = Duration::from_secs(60);
+
+/// Where the membership comes from when it is not local: an etcd prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembershipConfig {
+    /// `etcd://HOST:PORT[,HOST:PORT...]/PREFIX`.
+    pub url: crate::membership::MembershipUrl,
+    /// Last membership seen, used at start when etcd cannot be reached.
+    pub cache_file: Option<std::path::PathBuf>,
+    /// Events within this time are applied as one table swap.
+    pub debounce: Duration,
+}
+
+impl MembershipConfig {
+    /// The settings for `url` with the default debounce and no cache file.
+    pub fn new(url: crate::membership::MembershipUrl) -> Self {
+        MembershipConfig {
+            url,
+            cache_file: None,
+            debounce: DEFAULT_MEMBERSHIP_DEBOUNCE,
+        }
+    }
 }
 
 /// Default time an agent has to answer a hand-off (rebuilt or failed).
@@ -416,13 +446,27 @@ impl ProxyConfig {
             proxy_protocol: false,
             admin_token_file: None,
             upgrade_socket: None,
+            membership: None,
         }
     }
 
     /// Checks every value and their consistency; the error says what to change.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.backends.is_empty() {
+        // From etcd, the set may be empty (connections end with no_backend until a backend
+        // appears); a local set may not.
+        if self.backends.is_empty() && self.membership.is_none() {
             return Err(ConfigError::NoBackends);
+        }
+        if let Some(m) = &self.membership {
+            if m.debounce > MAX_MEMBERSHIP_DEBOUNCE {
+                return Err(ConfigError::Invalid {
+                    field: "membership.debounce",
+                    why: format!(
+                        "{:?} is longer than {MAX_MEMBERSHIP_DEBOUNCE:?}",
+                        m.debounce
+                    ),
+                });
+            }
         }
         Router::new(self.backends.iter().map(|b| (b.name.as_str(), b.weight)))?;
         let invalid = |field, why: String| Err(ConfigError::Invalid { field, why });
@@ -853,5 +897,19 @@ mod tests {
         c.max_pending_headers_per_source = None;
         c.backends.clear();
         assert!(matches!(c.validate(), Err(ConfigError::NoBackends)));
+    }
+
+    #[test]
+    fn an_empty_backend_set_is_valid_only_from_etcd() {
+        let mut c = ProxyConfig::new(([127, 0, 0, 1], 0).into(), Vec::new());
+        assert!(matches!(c.validate(), Err(ConfigError::NoBackends)));
+        let url = "etcd://127.0.0.1:2379/sp".parse().unwrap();
+        c.membership = Some(MembershipConfig::new(url));
+        c.validate().expect("an empty set from etcd is valid");
+        if let Some(m) = &mut c.membership {
+            m.debounce = Duration::from_secs(61);
+        }
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("membership.debounce"), "{e}");
     }
 }

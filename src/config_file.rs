@@ -22,7 +22,7 @@ use toml::Spanned;
 
 use crate::config::{
     parse_duration, parse_optional_duration, resolve, BackendSpec, DsrConfig, Failover,
-    HealthConfig, OwnerChange, ProxyConfig, SourceRate,
+    HealthConfig, MembershipConfig, OwnerChange, ProxyConfig, SourceRate,
 };
 use crate::error::ConfigError;
 use crate::header::{Endian, HeaderFormat, HeaderMode, LenBytes};
@@ -68,6 +68,13 @@ impl FileConfig {
             if names.len() == 1 { "" } else { "s" },
             names.join(", ")
         );
+        if let Some(m) = &p.membership {
+            line = line.replacen(
+                &format!("{} backends ()", names.len()),
+                &format!("backends from {}", m.url),
+                1,
+            );
+        }
         if let Some(admin) = p.admin {
             line.push_str(&format!("; admin {admin}"));
         }
@@ -175,8 +182,18 @@ struct File {
     #[serde(default)]
     owner_change: OwnerChangeSection,
     dsr: Option<DsrSection>,
+    membership: Option<MembershipSection>,
     #[serde(default, rename = "backend")]
     backends: Vec<S<BackendSection>>,
+}
+
+/// `[membership]`: the backends come from an etcd prefix (instead of `[[backend]]`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MembershipSection {
+    url: S<String>,
+    cache_file: Option<S<PathBuf>>,
+    debounce: Option<S<String>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -519,12 +536,12 @@ impl<'a> Cx<'a> {
             ));
         };
 
-        // Backends.
-        if f.backends.is_empty() {
+        // Backends (from etcd with [membership]).
+        if f.backends.is_empty() && f.membership.is_none() {
             return Err(self.at(
                 self.text.trim_end().len(),
                 "backend",
-                "no [[backend]] tables; add at least one: [[backend]] name = \"b1\" \
+                "no [[backend]] tables; add at least one (or a [membership] section): [[backend]] name = \"b1\" \
                  addr = \"127.0.0.1:9001\"",
             ));
         }
@@ -835,6 +852,30 @@ impl<'a> Cx<'a> {
                 .collect();
             c.dsr = Some(dsr);
         }
+        // [membership]
+        if let Some(m) = &f.membership {
+            if let Some(b) = f.backends.first() {
+                return Err(self.err(
+                    b,
+                    "backend",
+                    "[membership] is set: the backends come from etcd; remove the [[backend]] \
+                     tables or the [membership] section",
+                ));
+            }
+            spans.0.insert("membership.url", m.url.span());
+            spans.note("membership.debounce", &m.debounce);
+            let url = m
+                .url
+                .get_ref()
+                .parse()
+                .map_err(|e: crate::membership::EtcdError| {
+                    self.err(&m.url, "membership.url", e.to_string())
+                })?;
+            let mut mc = MembershipConfig::new(url);
+            mc.cache_file = m.cache_file.as_ref().map(|p| self.path(p.get_ref()));
+            mc.debounce = self.duration(&m.debounce, "membership.debounce", mc.debounce)?;
+            c.membership = Some(mc);
+        }
         // Kept for locating validate()'s `--backend` errors (DSR: IPv4 only).
         for (b, spec) in f.backends.iter().zip(&c.backends) {
             if spec.agent.is_some()
@@ -884,6 +925,8 @@ impl<'a> Cx<'a> {
             "--admin" => &["admin"],
             "--admin-token-file" => &["admin_token_file"],
             "--upgrade-socket" => &["upgrade_socket"],
+            "membership.debounce" => &["membership.debounce"],
+            "--membership" => &["membership.url"],
             _ => &[],
         };
         let found = candidates
@@ -1095,6 +1138,40 @@ mod tests {
         assert_eq!(at("3"), "s.t.u");
         assert_eq!(at("c"), "c");
         assert_eq!(line_col(text, text.find("3").unwrap()), (4, 7));
+    }
+
+    #[test]
+    fn the_membership_section_replaces_the_backends() {
+        const M: &str = "listen = \"127.0.0.1:7000\"\n\n[membership]\nurl = \"etcd://127.0.0.1:2379,127.0.0.1:2380/sp/a\"\ncache_file = \"cache.json\"\ndebounce = \"250ms\"\n";
+        let f = parse(M, Path::new("/etc/sp/p.toml")).unwrap();
+        let m = f.proxy.membership.as_ref().expect("membership");
+        assert_eq!(m.url.endpoints, ["127.0.0.1:2379", "127.0.0.1:2380"]);
+        assert_eq!(m.url.prefix, "/sp/a");
+        assert_eq!(m.cache_file, Some(PathBuf::from("/etc/sp/cache.json")));
+        assert_eq!(m.debounce, Duration::from_millis(250));
+        assert!(f.proxy.backends.is_empty());
+        assert!(
+            f.summary()
+                .contains("backends from etcd://127.0.0.1:2379,127.0.0.1:2380/sp/a"),
+            "{}",
+            f.summary()
+        );
+        let (line, key, msg) = err(&M.replace("/sp/a\"", "/sp/a/\""));
+        assert_eq!((line, key.as_str()), (4, "membership.url"), "{msg}");
+        assert!(msg.contains("must not end with '/'"), "{msg}");
+        let (line, key, msg) = err(&M.replace("250ms", "soon"));
+        assert_eq!((line, key.as_str()), (6, "membership.debounce"), "{msg}");
+        let (line, key, msg) = err(&M.replace("250ms", "2m"));
+        assert_eq!((line, key.as_str()), (6, "membership.debounce"), "{msg}");
+        let (line, key, _) = err(&format!("{M}colour = 1\n"));
+        assert_eq!((line, key.as_str()), (7, "membership.colour"));
+        let both = format!("{M}\n[[backend]]\nname = \"b1\"\naddr = \"127.0.0.1:9001\"\n");
+        let (line, key, msg) = err(&both);
+        assert_eq!((line, key.as_str()), (8, "backend"), "{msg}");
+        assert!(
+            msg.contains("[membership]") && msg.contains("[[backend]]"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod fixtures;
 pub mod header;
+pub mod membership;
 pub mod metrics;
 pub mod proxy;
 pub mod routing;

@@ -27,7 +27,10 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| {
             EnvFilter::new(match cli.command {
-                Command::Run(_) | Command::Backend(_) | Command::Agent(_) => "info",
+                Command::Run(_)
+                | Command::Backend(_)
+                | Command::Agent(_)
+                | Command::Register(_) => "info",
                 _ => "warn",
             })
         }))
@@ -81,6 +84,7 @@ async fn dispatch(command: Command) -> ExitCode {
         Command::Backend(args) => backend(args).await,
         Command::Client(args) => client(args).await,
         Command::Agent(args) => agent(args).await,
+        Command::Register(args) => register(args).await,
     }
 }
 
@@ -269,6 +273,34 @@ async fn agent(args: cli::AgentArgs) -> ExitCode {
     }
     signals.recv().await;
     agent.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+/// `register`: keeps the backend's key in etcd until SIGTERM/SIGINT, then removes it.
+async fn register(args: cli::RegisterArgs) -> ExitCode {
+    let Some(mut signals) = Signals::install() else {
+        return ExitCode::FAILURE;
+    };
+    let config = shardproxy::membership::register::RegisterConfig {
+        url: args.membership,
+        name: args.name,
+        check: args.check.unwrap_or_else(|| args.addr.clone()),
+        addr: args.addr,
+        weight: args.weight,
+        ttl: args.ttl,
+        check_interval: args.check_interval,
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sidecar = shardproxy::membership::register::run(config, stop.clone());
+    tokio::pin!(sidecar);
+    tokio::select! {
+        () = &mut sidecar => return ExitCode::SUCCESS,
+        () = signals.recv() => {
+            info!("stopping: removing the key and revoking the lease");
+            stop.cancel();
+        }
+    }
+    sidecar.await;
     ExitCode::SUCCESS
 }
 

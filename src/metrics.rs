@@ -106,6 +106,19 @@ pub const DSR_FLOWS_ENDED: &str = "shardproxy_dsr_flows_ended_total";
 /// Bytes of handed-off flows as their agents reported them, by `direction`.
 pub const DSR_BYTES: &str = "shardproxy_dsr_bytes_total";
 
+/// 1 while the proxy follows its etcd prefix (connected, watching), 0 while it routes on the
+/// last table it had (`--membership`).
+pub const MEMBERSHIP_CONNECTED: &str = "shardproxy_membership_connected";
+/// The etcd store revision of the membership in force.
+pub const MEMBERSHIP_REVISION: &str = "shardproxy_membership_revision";
+/// Table swaps from etcd, by `result` (`applied`; `rejected`: the whole new set was invalid,
+/// the old table stays).
+pub const MEMBERSHIP_UPDATES: &str = "shardproxy_membership_updates_total";
+/// etcd values that did not decode as a backend (logged with the key, skipped).
+pub const MEMBERSHIP_INVALID_VALUES: &str = "shardproxy_membership_invalid_values_total";
+/// Reconnections to etcd (after a failure, a compaction or at start from the cache).
+pub const MEMBERSHIP_RECONNECTS: &str = "shardproxy_membership_reconnects_total";
+
 /// Histogram buckets for connect latency, in seconds.
 const CONNECT_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -417,6 +430,22 @@ impl Metrics {
             .register_counter(&key(ADMIN_CONNECTIONS, &[("result", result)]), &METADATA)
     }
 
+    /// Registers the etcd membership handles (only a proxy with `--membership` shows them).
+    pub fn membership(&self) -> MembershipMetrics {
+        let r = &self.inner.recorder;
+        let counter = |name: &'static str, labels: &[(&'static str, &'static str)]| {
+            r.register_counter(&key(name, labels), &METADATA)
+        };
+        MembershipMetrics {
+            connected: r.register_gauge(&key(MEMBERSHIP_CONNECTED, &[]), &METADATA),
+            revision: r.register_gauge(&key(MEMBERSHIP_REVISION, &[]), &METADATA),
+            applied: counter(MEMBERSHIP_UPDATES, &[("result", "applied")]),
+            rejected: counter(MEMBERSHIP_UPDATES, &[("result", "rejected")]),
+            invalid_values: counter(MEMBERSHIP_INVALID_VALUES, &[]),
+            reconnects: counter(MEMBERSHIP_RECONNECTS, &[]),
+        }
+    }
+
     /// Registers the DSR handles (only a proxy with `--dsr` shows them).
     pub fn dsr(&self) -> DsrMetrics {
         let r = &self.inner.recorder;
@@ -515,6 +544,23 @@ pub struct BackendMetrics {
     pub checks_ok: Counter,
     /// Probes that failed.
     pub checks_failed: Counter,
+}
+
+/// The etcd membership handles ([`Metrics::membership`]).
+#[derive(Clone)]
+pub struct MembershipMetrics {
+    /// [`MEMBERSHIP_CONNECTED`].
+    pub connected: Gauge,
+    /// [`MEMBERSHIP_REVISION`].
+    pub revision: Gauge,
+    /// [`MEMBERSHIP_UPDATES`] `{result="applied"}`.
+    pub applied: Counter,
+    /// [`MEMBERSHIP_UPDATES`] `{result="rejected"}`.
+    pub rejected: Counter,
+    /// [`MEMBERSHIP_INVALID_VALUES`].
+    pub invalid_values: Counter,
+    /// [`MEMBERSHIP_RECONNECTS`].
+    pub reconnects: Counter,
 }
 
 /// The DSR handles ([`Metrics::dsr`]).
@@ -752,6 +798,21 @@ fn describe(r: &PrometheusRecorder) {
             Some(Unit::Bytes),
             "Bytes of handed-off flows, as their agents reported at the close.",
         ),
+        d(
+            MEMBERSHIP_UPDATES,
+            None,
+            "Routing table swaps from etcd: applied, or rejected (the old table stays).",
+        ),
+        d(
+            MEMBERSHIP_INVALID_VALUES,
+            None,
+            "etcd values that did not decode as a backend (logged, skipped).",
+        ),
+        d(
+            MEMBERSHIP_RECONNECTS,
+            None,
+            "Reconnections to etcd, each followed by a fresh read of the prefix.",
+        ),
     ];
     for (name, unit, help) in counters {
         r.describe_counter(name.into(), unit, help);
@@ -769,6 +830,16 @@ fn describe(r: &PrometheusRecorder) {
             "Proxied connections open now, per backend.",
         ),
         d(TABLE_GENERATION, None, "Routing table generation."),
+        d(
+            MEMBERSHIP_CONNECTED,
+            None,
+            "1 while the membership follows etcd, 0 while routing on the last table.",
+        ),
+        d(
+            MEMBERSHIP_REVISION,
+            None,
+            "etcd store revision of the membership in force.",
+        ),
         d(
             TABLE_FINGERPRINT,
             None,

@@ -8,6 +8,13 @@
 //! - `GET /route/{key}` (`?hex=1` for a hex-encoded binary key) →
 //!   `{"key":...,"ranking":["b2","b1",...]}` from the live table, health and drains applied.
 //!
+//! - `GET /membership` → `{"source":"local"}`, or with `--membership`
+//!   `{"source":"etcd","url":...,"connected":true,"revision":N,"backends":K}`.
+//!
+//! With `--membership` the membership is etcd's: the mutating routes answer 409 naming the
+//! key to change there, `GET /backends` entries say `"source":"etcd"` and the answer carries
+//! `x-membership-revision: N` (the etcd revision in force).
+//!
 //! A change is validated, then swapped in whole; a refused one answers 4xx with the reason
 //! and the table stays. With a token (`--admin-token-file`) the mutating routes need
 //! `Authorization: Bearer <token>` (401 otherwise, compared in constant time); reads stay
@@ -21,12 +28,9 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{BackendView, Control, ControlError};
-use crate::config::{resolve, BackendSpec};
-use crate::routing::MAX_WEIGHT;
+use super::{BackendBody, BackendView, Control, ControlError};
 
 /// Largest request body accepted (a backend's JSON is a few hundred bytes).
 const MAX_BODY: usize = 64 * 1024;
@@ -49,6 +53,7 @@ pub(crate) fn routes(control: Arc<Control>, token: Option<String>) -> Router {
         .route("/backends/{name}/drain", post(drain))
         .route("/backends/{name}/undrain", post(undrain))
         .route("/route/{key}", get(route))
+        .route("/membership", get(membership))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(api)
 }
@@ -84,6 +89,22 @@ impl Api {
         }
     }
 
+    /// `Err` with the 409 answer when the membership comes from etcd (changed there only).
+    fn local_only(&self, name: &str) -> Result<(), Box<Response>> {
+        let Some(m) = self.control.membership() else {
+            return Ok(());
+        };
+        self.control.shared.metrics.admin_change(false);
+        Err(Box::new(error(
+            StatusCode::CONFLICT,
+            format!(
+                "the membership comes from etcd ({}): change {} there",
+                m.url(),
+                m.url().backend_key(name)
+            ),
+        )))
+    }
+
     /// The answer to a change: the new generation, or the refusal (counted either way).
     fn changed(&self, result: Result<u64, ControlError>, created: bool) -> Response {
         self.control.shared.metrics.admin_change(result.is_ok());
@@ -103,12 +124,24 @@ impl Api {
     }
 
     fn view(&self) -> Value {
-        Value::Array(self.control.backends().iter().map(backend_json).collect())
+        let source = if self.control.membership().is_some() {
+            "etcd"
+        } else {
+            "local"
+        };
+        Value::Array(
+            self.control
+                .backends()
+                .iter()
+                .map(|b| backend_json(b, source))
+                .collect(),
+        )
     }
 }
 
-fn backend_json(b: &BackendView) -> Value {
+fn backend_json(b: &BackendView, source: &str) -> Value {
     json!({
+        "source": source,
         "name": b.spec.name,
         "addr": b.spec.addr.to_string(),
         "weight": b.spec.weight,
@@ -129,61 +162,41 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn list(State(api): State<Api>) -> Response {
-    Json(api.view()).into_response()
-}
-
-/// A `PUT /backends/{name}` body.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PutBody {
-    addr: String,
-    #[serde(default = "one")]
-    weight: u32,
-    #[serde(default)]
-    max_connections: Option<usize>,
-    #[serde(default)]
-    agent: Option<String>,
-    #[serde(default)]
-    proxy_protocol: Option<String>,
-}
-
-fn one() -> u32 {
-    1
-}
-
-impl PutBody {
-    fn spec(self, name: String) -> Result<BackendSpec, String> {
-        let addr = resolve(self.addr.trim())?;
-        if self.weight > MAX_WEIGHT {
-            return Err(format!(
-                "weight {} is out of range 0..={MAX_WEIGHT}",
-                self.weight
-            ));
-        }
-        let agent = self.agent.as_deref().map(resolve).transpose()?;
-        let proxy_protocol = match self.proxy_protocol.as_deref() {
-            None => None,
-            Some("v2") => Some(true),
-            Some("none") => Some(false),
-            Some(other) => return Err(format!("proxy_protocol {other:?} is not v2 or none")),
-        };
-        Ok(BackendSpec {
-            weight: self.weight,
-            agent,
-            max_connections: self.max_connections,
-            proxy_protocol,
-            ..BackendSpec::new(name, addr)
-        })
+    let mut r = Json(api.view()).into_response();
+    if let Some(m) = api.control.membership() {
+        r.headers_mut().insert(
+            "x-membership-revision",
+            header::HeaderValue::from(m.revision()),
+        );
     }
+    r
+}
+
+/// `GET /membership`: where the membership comes from, and (etcd) how it follows it.
+async fn membership(State(api): State<Api>) -> Response {
+    match api.control.membership() {
+        Some(m) => Json(json!({
+            "source": "etcd",
+            "url": m.url().to_string(),
+            "connected": m.connected(),
+            "revision": m.revision(),
+            "backends": api.control.backends().len(),
+        })),
+        None => Json(json!({ "source": "local" })),
+    }
+    .into_response()
 }
 
 async fn upsert(
     State(api): State<Api>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Result<Json<PutBody>, JsonRejection>,
+    body: Result<Json<BackendBody>, JsonRejection>,
 ) -> Response {
     if let Err(r) = api.authorize(&headers) {
+        return *r;
+    }
+    if let Err(r) = api.local_only(&name) {
         return *r;
     }
     let spec = match body {
@@ -210,6 +223,9 @@ async fn remove(State(api): State<Api>, Path(name): Path<String>, headers: Heade
     if let Err(r) = api.authorize(&headers) {
         return *r;
     }
+    if let Err(r) = api.local_only(&name) {
+        return *r;
+    }
     api.changed(api.control.delete(&name), false)
 }
 
@@ -217,11 +233,17 @@ async fn drain(State(api): State<Api>, Path(name): Path<String>, headers: Header
     if let Err(r) = api.authorize(&headers) {
         return *r;
     }
+    if let Err(r) = api.local_only(&name) {
+        return *r;
+    }
     api.changed(api.control.set_draining(&name, true), false)
 }
 
 async fn undrain(State(api): State<Api>, Path(name): Path<String>, headers: HeaderMap) -> Response {
     if let Err(r) = api.authorize(&headers) {
+        return *r;
+    }
+    if let Err(r) = api.local_only(&name) {
         return *r;
     }
     api.changed(api.control.set_draining(&name, false), false)
@@ -264,18 +286,18 @@ mod tests {
 
     #[test]
     fn put_bodies_become_specs_or_say_why() {
-        let body: PutBody =
+        let body: BackendBody =
             serde_json::from_str(r#"{"addr":"127.0.0.1:9001","weight":3}"#).unwrap();
         let spec = body.spec("b9".into()).unwrap();
         assert_eq!((spec.name.as_str(), spec.weight), ("b9", 3));
         assert_eq!(spec.addr, "127.0.0.1:9001".parse().unwrap());
-        let body: PutBody = serde_json::from_str(r#"{"addr":"127.0.0.1:9001"}"#).unwrap();
+        let body: BackendBody = serde_json::from_str(r#"{"addr":"127.0.0.1:9001"}"#).unwrap();
         assert_eq!(body.spec("x".into()).unwrap().weight, 1);
-        assert!(serde_json::from_str::<PutBody>(r#"{"addr":"1.2.3.4:1","wieght":2}"#).is_err());
-        let body: PutBody =
+        assert!(serde_json::from_str::<BackendBody>(r#"{"addr":"1.2.3.4:1","wieght":2}"#).is_err());
+        let body: BackendBody =
             serde_json::from_str(r#"{"addr":"127.0.0.1:9001","weight":1000001}"#).unwrap();
         assert!(body.spec("x".into()).unwrap_err().contains("out of range"));
-        let body: PutBody = serde_json::from_str(r#"{"addr":"nowhere"}"#).unwrap();
+        let body: BackendBody = serde_json::from_str(r#"{"addr":"nowhere"}"#).unwrap();
         assert!(body.spec("x".into()).is_err());
     }
 }

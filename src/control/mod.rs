@@ -21,9 +21,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use tracing::{info, warn};
 
-use crate::config::{BackendSpec, ProxyConfig};
+use serde::Deserialize;
+
+use crate::config::{resolve, BackendSpec, ProxyConfig};
 use crate::error::ConfigError;
+use crate::membership::source::MembershipStatus;
 use crate::proxy::Shared;
+use crate::routing::MAX_WEIGHT;
 use crate::routing::{Health, KeyDigest, RoutingTable};
 
 pub use health::probe;
@@ -72,6 +76,8 @@ pub struct Control {
     shared: Arc<Shared>,
     members: Mutex<Members>,
     health: health::Supervisor,
+    /// Set when the membership comes from etcd: the admin API then refuses changes.
+    membership: Option<Arc<MembershipStatus>>,
 }
 
 impl Control {
@@ -82,7 +88,14 @@ impl Control {
         stop: tokio_util::sync::CancellationToken,
     ) -> Arc<Self> {
         let specs = shared.config.load().backends.clone();
+        let membership = shared.config.load().membership.as_ref().map(|m| {
+            Arc::new(MembershipStatus::new(
+                m.url.clone(),
+                shared.metrics.membership(),
+            ))
+        });
         let control = Arc::new_cyclic(|me| Control {
+            membership,
             me: me.clone(),
             members: Mutex::new(Members {
                 specs,
@@ -146,7 +159,7 @@ impl Control {
             }
         };
         let draining = m.draining.clone();
-        let generation = self.apply(&mut m, specs, draining)?;
+        let generation = self.apply(&mut m, specs, draining, false)?;
         Ok((generation, added))
     }
 
@@ -159,7 +172,7 @@ impl Control {
         let specs: Vec<BackendSpec> = m.specs.iter().filter(|s| s.name != name).cloned().collect();
         let mut draining = m.draining.clone();
         draining.remove(name);
-        self.apply(&mut m, specs, draining)
+        self.apply(&mut m, specs, draining, false)
     }
 
     /// Drains a backend (`true`: no new connections, its keys go to their next choice, its
@@ -176,14 +189,32 @@ impl Control {
             set.remove(name);
         }
         let specs = m.specs.clone();
-        self.apply(&mut m, specs, set)
+        self.apply(&mut m, specs, set, false)
     }
 
     /// Replaces the whole membership (drains of backends that stay, stay).
     pub fn replace(&self, specs: &[BackendSpec]) -> Result<u64, ControlError> {
         let mut m = self.members();
         let draining = retained_drains(&m.draining, specs);
-        self.apply(&mut m, specs.to_vec(), draining)
+        self.apply(&mut m, specs.to_vec(), draining, false)
+    }
+
+    /// Replaces the whole membership with the set read from etcd, which may be empty (then
+    /// every connection ends with `no_backend` until a backend appears).
+    pub(crate) fn replace_from_source(&self, specs: &[BackendSpec]) -> Result<u64, ControlError> {
+        let mut m = self.members();
+        let draining = retained_drains(&m.draining, specs);
+        self.apply(&mut m, specs.to_vec(), draining, true)
+    }
+
+    /// The etcd membership's live status, when the membership comes from etcd.
+    pub fn membership(&self) -> Option<&Arc<MembershipStatus>> {
+        self.membership.as_ref()
+    }
+
+    /// The configuration in force.
+    pub(crate) fn config(&self) -> Arc<ProxyConfig> {
+        self.shared.config.load_full()
     }
 
     /// Applies a re-read configuration: the membership, and the settings that can change
@@ -195,7 +226,12 @@ impl Control {
         let old = self.shared.config.load_full();
         let needs_restart = restart_only_changes(&old, &new);
         let mut live = (*old).clone();
-        live.backends = new.backends.clone();
+        // With etcd, the membership is etcd's, not the file's: it stays as it is.
+        let new_backends = match &old.membership {
+            Some(_) => m.specs.clone(),
+            None => new.backends.clone(),
+        };
+        live.backends = new_backends.clone();
         live.header_timeout = new.header_timeout;
         live.connect_timeout = new.connect_timeout;
         live.max_tries = new.max_tries;
@@ -205,11 +241,16 @@ impl Control {
         live.owner_change = new.owner_change;
         live.proxy_protocol = new.proxy_protocol;
         live.source_rate = new.source_rate;
-        let draining = retained_drains(&m.draining, &new.backends);
+        let draining = retained_drains(&m.draining, &new_backends);
         // The table is built (validated) before anything is stored.
         let generation = m.next_generation;
-        let table = RoutingTable::rebuild(
-            &new.backends,
+        let rebuild = if old.membership.is_some() {
+            RoutingTable::rebuild_maybe_empty
+        } else {
+            RoutingTable::rebuild
+        };
+        let table = rebuild(
+            &new_backends,
             &draining,
             live.proxy_protocol,
             generation,
@@ -221,7 +262,7 @@ impl Control {
             self.shared.rates.set(live.source_rate);
         }
         self.shared.config.store(Arc::new(live));
-        self.install(&mut m, new.backends, draining, table);
+        self.install(&mut m, new_backends, draining, table);
         if health_changed {
             // New probe settings: every checker starts over with them.
             self.health.restart();
@@ -267,13 +308,19 @@ impl Control {
         m: &mut Members,
         specs: Vec<BackendSpec>,
         draining: HashSet<String>,
+        may_be_empty: bool,
     ) -> Result<u64, ControlError> {
         let generation = m.next_generation;
         let config = self.shared.config.load();
         for spec in &specs {
             validate_spec(spec, &config)?;
         }
-        let table = RoutingTable::rebuild(
+        let rebuild = if may_be_empty {
+            RoutingTable::rebuild_maybe_empty
+        } else {
+            RoutingTable::rebuild
+        };
+        let table = rebuild(
             &specs,
             &draining,
             config.proxy_protocol,
@@ -358,6 +405,53 @@ pub(crate) fn owns(shared: &Shared, digest: KeyDigest, backend: &str) -> bool {
     pick.is_none_or(|i| *table.backends[i].name == *backend)
 }
 
+/// A backend as JSON: the admin API's `PUT /backends/{name}` body, and the value of an etcd
+/// key `PREFIX/backends/NAME` — one decoder for both.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BackendBody {
+    pub(crate) addr: String,
+    #[serde(default = "one")]
+    pub(crate) weight: u32,
+    #[serde(default)]
+    pub(crate) max_connections: Option<usize>,
+    #[serde(default)]
+    pub(crate) agent: Option<String>,
+    #[serde(default)]
+    pub(crate) proxy_protocol: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl BackendBody {
+    /// The backend `name` this body describes, or why it cannot be one.
+    pub(crate) fn spec(self, name: String) -> Result<BackendSpec, String> {
+        let addr = resolve(self.addr.trim())?;
+        if self.weight > MAX_WEIGHT {
+            return Err(format!(
+                "weight {} is out of range 0..={MAX_WEIGHT}",
+                self.weight
+            ));
+        }
+        let agent = self.agent.as_deref().map(resolve).transpose()?;
+        let proxy_protocol = match self.proxy_protocol.as_deref() {
+            None => None,
+            Some("v2") => Some(true),
+            Some("none") => Some(false),
+            Some(other) => return Err(format!("proxy_protocol {other:?} is not v2 or none")),
+        };
+        Ok(BackendSpec {
+            weight: self.weight,
+            agent,
+            max_connections: self.max_connections,
+            proxy_protocol,
+            ..BackendSpec::new(name, addr)
+        })
+    }
+}
+
 /// Drains of backends that are still in `specs`.
 fn retained_drains(draining: &HashSet<String>, specs: &[BackendSpec]) -> HashSet<String> {
     draining
@@ -368,7 +462,7 @@ fn retained_drains(draining: &HashSet<String>, specs: &[BackendSpec]) -> HashSet
 }
 
 /// Checks one backend the way the config file and flags are checked.
-fn validate_spec(spec: &BackendSpec, config: &ProxyConfig) -> Result<(), ConfigError> {
+pub(crate) fn validate_spec(spec: &BackendSpec, config: &ProxyConfig) -> Result<(), ConfigError> {
     let invalid = |why: String| ConfigError::Invalid {
         field: "backend",
         why,
@@ -444,5 +538,6 @@ fn restart_only_changes(old: &ProxyConfig, new: &ProxyConfig) -> Vec<&'static st
         old.admin_token_file != new.admin_token_file,
     );
     check("upgrade_socket", old.upgrade_socket != new.upgrade_socket);
+    check("membership", old.membership != new.membership);
     changed
 }

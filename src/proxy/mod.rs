@@ -87,12 +87,30 @@ pub async fn start(config: ProxyConfig) -> Result<ProxyHandle, Error> {
 /// received (whatever its worker count), tells the predecessor it is ready (the predecessor
 /// then drains), and serves the socket itself for the next upgrade.
 pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<ProxyHandle, Error> {
+    // With `--membership`, the backends are etcd's (or the cache file's).
+    let membership = match &config.membership {
+        Some(_) => {
+            let boot = crate::membership::source::boot(&config)
+                .await
+                .map_err(|why| Error::Io {
+                    context: "reading the membership",
+                    source: std::io::Error::other(why),
+                })?;
+            config.backends = boot.specs();
+            Some(boot)
+        }
+        None => None,
+    };
     config.validate()?;
     fit_to_fd_limit(&mut config);
     let metrics = Metrics::new();
     // `rebuild`, not `build`: the proxy-wide PROXY v2 setting is the default of backends
-    // that do not say (`build` assumes it off).
-    let table = RoutingTable::rebuild(
+    // that do not say (`build` assumes it off). From etcd, the set may be empty.
+    let rebuild = match membership {
+        Some(_) => RoutingTable::rebuild_maybe_empty,
+        None => RoutingTable::rebuild,
+    };
+    let table = rebuild(
         &config.backends,
         &Default::default(),
         config.proxy_protocol,
@@ -218,6 +236,8 @@ pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<Pro
         config: ArcSwap::from_pointee(config),
     });
     let control = Control::start(shared.clone(), stop.clone());
+    let membership_task = membership
+        .map(|boot| crate::membership::source::spawn(control.clone(), boot, stop.clone()));
     let kill = CancellationToken::new();
     let tracker = TaskTracker::new();
     let mut tasks = Vec::new();
@@ -250,6 +270,7 @@ pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<Pro
         metrics.clone(),
         stop.clone(),
     )));
+    tasks.extend(membership_task);
     if let Some(l) = admin_listener {
         let config = shared.config.load();
         let token = match &config.admin_token_file {

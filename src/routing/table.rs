@@ -218,6 +218,27 @@ impl RoutingTable {
                     .into(),
             });
         }
+        Self::rebuild_maybe_empty(
+            specs,
+            draining,
+            proxy_protocol,
+            generation,
+            metrics,
+            previous,
+        )
+    }
+
+    /// [`RoutingTable::rebuild`] that also accepts an empty set: a membership read from etcd
+    /// may be empty (every connection then ends with `no_backend`). Local changes (flags,
+    /// the config file, the admin API) go through `rebuild`, which refuses it.
+    pub fn rebuild_maybe_empty(
+        specs: &[BackendSpec],
+        draining: &HashSet<String>,
+        proxy_protocol: bool,
+        generation: u64,
+        metrics: &Metrics,
+        previous: Option<&RoutingTable>,
+    ) -> Result<Self, ConfigError> {
         let routed_weight = |b: &BackendSpec| {
             if draining.contains(&b.name) {
                 0
@@ -332,6 +353,21 @@ mod tests {
             matches!(e, ConfigError::Invalid { .. }) && msg.contains("at least one backend"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn an_empty_set_from_etcd_builds_a_table_that_routes_nowhere() {
+        let t = RoutingTable::rebuild_maybe_empty(
+            &[],
+            &HashSet::new(),
+            false,
+            3,
+            &Metrics::new(),
+            None,
+        )
+        .expect("an empty set from etcd is allowed");
+        assert!(t.backends.is_empty());
+        assert_eq!(t.pick(crate::routing::KeyDigest::of(b"k"), &[]), None);
     }
 
     /// `set_backends(&[])` fails and the table in force (and its generation gauge) stays.
