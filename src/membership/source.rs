@@ -433,6 +433,10 @@ async fn run(control: Arc<Control>, boot: Boot, stop: CancellationToken) {
     };
     let cache = m.cache_file.as_deref();
     let Boot { mut state, client } = boot;
+    // The start-up read's invalid values were counted before the metrics existed: carry them.
+    if let MembershipMetricsOrCount::Count(n) = state.invalid {
+        status.metrics.invalid_values.increment(n);
+    }
     state.invalid = MembershipMetricsOrCount::Metrics(status.metrics.clone());
     // The start-up set is in force already (it built the first table).
     state.applied = Some(state.specs());
