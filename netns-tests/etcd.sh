@@ -10,6 +10,7 @@
 # Usage (as root):  netns-tests/etcd.sh
 #   SHARDPROXY_BIN=/path/to/shardproxy   use this binary (default: cargo build --release)
 #   NETNS_KEEP_LOGS=1                    keep the log directory (its path is printed)
+#   ETCD_PROXY_ENDPOINTS=HOST:PORT,...   the proxy's endpoints (default: all three members)
 #
 # Prints PASS/FAIL per case and ends with the line "N passed, M failed"; exits 1 if any
 # failed. Touches only namespaces it creates (prefix se<pid>-) and addresses in 10.203.0.0/24
@@ -36,7 +37,9 @@ PROXY_ADDR="${IP[proxy]}:$PROXY_PORT"
 declare -A BACKEND=([b1]="${IP[be]}:9001" [b2]="${IP[be]}:9002" [b3]="${IP[be]}:9003")
 PREFIX=/shardproxy/netns
 ALL_EP="${IP[e1]}:2379,${IP[e2]}:2379,${IP[e3]}:2379"
-URL="etcd://$ALL_EP$PREFIX"
+# The endpoints the proxy is given. Self-check: ETCD_PROXY_ENDPOINTS=10.203.0.31:2379 (one
+# member only) must fail case 2 when e1 is cut.
+URL="etcd://${ETCD_PROXY_ENDPOINTS:-$ALL_EP}$PREFIX"
 # Bound on a change reaching the proxy while a member is cut off (a silent cut is noticed by
 # keepalive or a timeout, then the next endpoint is tried): generous, never a target.
 APPLY_BOUND=90
