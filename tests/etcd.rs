@@ -288,6 +288,29 @@ async fn three_proxies_on_one_prefix_route_alike_and_follow_every_change() {
         with_b3
     );
 
+    // Weight 0 drains b3 on every proxy: its keys go to their second choice.
+    let rev = etcd.put(&bkey(prefix, "b3"), &bvalue(b[2].local_addr(), 0));
+    seen_by_all(&proxies, rev, CONVERGE).await;
+    for k in &b3_keys {
+        let second = r3.rank_names(k)[1];
+        for (i, p) in proxies.iter().enumerate() {
+            assert_eq!(
+                p.answer(k).await,
+                second,
+                "drained: proxy {i}, key {}",
+                text(k)
+            );
+        }
+    }
+    assert_ne!(same_fingerprint(&proxies, "with b3 drained").await, with_b3);
+    let rev = etcd.put(&bkey(prefix, "b3"), &bvalue(b[2].local_addr(), 1));
+    seen_by_all(&proxies, rev, CONVERGE).await;
+    for k in &b3_keys {
+        for p in &proxies {
+            assert_eq!(p.answer(k).await, "b3", "undrained: key {}", text(k));
+        }
+    }
+
     // History compacted under the watchers: changes keep arriving.
     etcd.compact();
     let rev = etcd.delete(&bkey(prefix, "b3"));
