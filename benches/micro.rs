@@ -7,6 +7,10 @@
 //! - `routing/digest`: `KeyDigest::of` on 16- and 256-byte keys.
 //! - `routing/pick` and `routing/rank`: `Router::pick` (the per-connection path: O(n), no
 //!   allocation) and `Router::rank` (sorts, allocates) among 3, 100 and 1000 weighted nodes.
+//! - `table/rebuild`: `RoutingTable::rebuild` of 1000 backends — what each membership
+//!   change (an etcd event batch, an admin API call) costs the control plane: `fresh` with no
+//!   previous table, `changed_one` following a table of the same 1000 with one weight
+//!   changed (live state carried over by name and address). Issue 10's target: under 10 ms.
 //!
 //! Measurement time is kept short (1.5 s per bench, 0.5 s warm-up) so
 //! `cargo bench --bench micro` finishes in about a minute. Filter as usual:
@@ -16,8 +20,9 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use shardproxy::routing::KeyDigest;
-use shardproxy::{HeaderFormat, Parse, Router};
+use shardproxy::metrics::Metrics;
+use shardproxy::routing::{KeyDigest, RoutingTable};
+use shardproxy::{BackendSpec, HeaderFormat, Parse, Router};
 
 /// Keys of the given length with varied bytes (never all equal, so no hash shortcut).
 fn key_of(len: usize, seed: u8) -> Vec<u8> {
@@ -110,6 +115,47 @@ fn routing(c: &mut Criterion) {
     g.finish();
 }
 
+/// `n` backend specs `node-<i>` on distinct loopback ports, weights 1..=4.
+fn specs_of(n: usize) -> Vec<BackendSpec> {
+    (0..n)
+        .map(|i| {
+            let mut s = BackendSpec::new(
+                format!("node-{i}"),
+                ([127, 0, 0, 1], 10_000 + i as u16).into(),
+            );
+            s.weight = 1 + (i % 4) as u32;
+            s
+        })
+        .collect()
+}
+
+fn table(c: &mut Criterion) {
+    let metrics = Metrics::new();
+    let none = std::collections::HashSet::new();
+    let specs = specs_of(1000);
+    let previous =
+        RoutingTable::rebuild(&specs, &none, false, 1, &metrics, None).expect("valid set");
+    let mut changed = specs.clone();
+    changed[500].weight += 1;
+    let mut g = c.benchmark_group("table/rebuild");
+    g.bench_function("fresh/1000", |b| {
+        b.iter(|| RoutingTable::rebuild(black_box(&specs), &none, false, 2, &metrics, None))
+    });
+    g.bench_function("changed_one/1000", |b| {
+        b.iter(|| {
+            RoutingTable::rebuild(
+                black_box(&changed),
+                &none,
+                false,
+                2,
+                &metrics,
+                Some(&previous),
+            )
+        })
+    });
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_millis(500))
@@ -120,6 +166,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = header, routing
+    targets = header, routing, table
 }
 criterion_main!(benches);

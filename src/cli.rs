@@ -189,8 +189,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "URL", value_parser = parse_membership_url)]
     pub membership: Option<crate::membership::MembershipUrl>,
     /// File keeping the last membership read from etcd, used at start when etcd cannot be
-    /// reached (with --membership).
-    #[arg(long, value_name = "PATH", requires = "membership")]
+    /// reached (with --membership, or [membership] in --config).
+    #[arg(long, value_name = "PATH")]
     pub membership_cache: Option<PathBuf>,
     /// Admin/metrics address (GET /metrics, /healthz); no admin listener if absent.
     #[arg(long)]
@@ -517,8 +517,15 @@ impl RunArgs {
             }
         }
         if set("membership_cache") && self.membership_cache.is_some() {
-            if let Some(m) = &mut c.membership {
-                m.cache_file = self.membership_cache.clone();
+            match &mut c.membership {
+                Some(m) => m.cache_file = self.membership_cache.clone(),
+                None => {
+                    return Err(ConfigError::Invalid {
+                        field: "--membership-cache",
+                        why: "applies only with --membership (or [membership] in the config file)"
+                            .into(),
+                    })
+                }
             }
         }
         if c.membership.is_some() && !c.backends.is_empty() {
@@ -746,6 +753,103 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    fn run_args(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let all = ["shardproxy", "run", "--listen", "127.0.0.1:0"]
+            .iter()
+            .chain(args)
+            .copied();
+        match Cli::try_parse_explicit(all)?.command {
+            Command::Run(r) => Ok(r),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn membership_flags_replace_the_backends() {
+        let url = "etcd://127.0.0.1:2379,127.0.0.1:22379/sp/a";
+        let r = run_args(&["--membership", url, "--membership-cache", "/tmp/c.json"]).unwrap();
+        let c = r.config().unwrap();
+        let m = c.membership.as_ref().expect("membership");
+        assert_eq!(m.url.to_string(), url);
+        assert_eq!(m.cache_file, Some(PathBuf::from("/tmp/c.json")));
+        assert!(c.backends.is_empty());
+        c.validate().expect("valid without backends");
+        let e = run_args(&["--membership", url, "--backend", "b1=127.0.0.1:9001"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let e = e.to_string();
+        assert!(e.contains("--membership") && e.contains("--backend"), "{e}");
+        let r = run_args(&[
+            "--membership-cache",
+            "/tmp/c.json",
+            "--backend",
+            "b1=127.0.0.1:1",
+        ])
+        .unwrap();
+        let e = r.config().unwrap_err().to_string();
+        assert!(
+            e.contains("--membership-cache") && e.contains("only with --membership"),
+            "{e}"
+        );
+        let e = run_args(&["--membership", "etcd://127.0.0.1:2379/"]).unwrap_err();
+        assert!(e.to_string().contains("prefix is empty"), "{e}");
+        let e = run_args(&[]).unwrap_err();
+        assert!(e.to_string().contains("--backend"), "{e}");
+    }
+
+    #[test]
+    fn register_flags_are_checked() {
+        let parse = |extra: &[&str]| {
+            let all = [
+                "shardproxy",
+                "register",
+                "--membership",
+                "etcd://127.0.0.1:2379/sp/a",
+            ]
+            .iter()
+            .chain(extra)
+            .copied();
+            Cli::try_parse_explicit(all).map(|c| match c.command {
+                Command::Register(r) => r,
+                _ => unreachable!(),
+            })
+        };
+        let r = parse(&["--name", "b1", "--addr", "127.0.0.1:9001"]).unwrap();
+        assert_eq!(
+            (r.weight, r.ttl, r.check_interval),
+            (1, Duration::from_secs(5), Duration::from_secs(1))
+        );
+        assert_eq!(r.check, None);
+        for (bad, why) in [
+            (&["--addr", "127.0.0.1:9001"][..], "--name"),
+            (&["--name", "b1"][..], "--addr"),
+            (&["--name", "a/b", "--addr", "127.0.0.1:1"][..], "'/'"),
+            (&["--name", "b1", "--addr", "nowhere"][..], "nowhere"),
+            (
+                &["--name", "b1", "--addr", "127.0.0.1:1", "--ttl", "1s"][..],
+                "2s..=1h",
+            ),
+            (
+                &["--name", "b1", "--addr", "127.0.0.1:1", "--weight", "-1"][..],
+                "'-1'",
+            ),
+            (
+                &[
+                    "--name",
+                    "b1",
+                    "--addr",
+                    "127.0.0.1:1",
+                    "--weight",
+                    "1000001",
+                ][..],
+                "--weight",
+            ),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            assert!(e.to_string().contains(why), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -255,6 +255,12 @@ async fn the_table_follows_puts_deletes_and_skips_malformed_values() {
     assert_eq!(code, 409);
     assert_eq!(names(&proxy), ["b1", "b2"]);
 
+    // A reload (SIGHUP) applies the file's settings but keeps etcd's membership.
+    let mut reread = config(&etcd, None);
+    reread.connect_timeout = Duration::from_millis(1500);
+    proxy.control().reload(reread).expect("reload");
+    assert_eq!(names(&proxy), ["b1", "b2"]);
+
     // A fixed value makes the backend appear; a delete removes one; weight 0 drains.
     etcd.put("b3", &body(backends[2].local_addr()));
     wait_names(&proxy, &["b1", "b2", "b3"]).await;

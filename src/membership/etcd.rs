@@ -288,7 +288,14 @@ impl Etcd {
         // The request stream stays open (pending) for the life of the watch.
         let requests = futures_util::stream::iter([pb::WatchRequest::from(create)])
             .chain(futures_util::stream::pending());
-        let inbound = bounded("watch", self.client.watch.watch(requests)).await?;
+        let mut request = tonic::Request::new(requests);
+        // As etcd's own clients do: a member that loses the leader (a partition) ends the
+        // watch instead of leaving it silently stale, and the source moves to another one.
+        request.metadata_mut().insert(
+            "hasleader",
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
+        let inbound = bounded("watch", self.client.watch.watch(request)).await?;
         Ok(Watch { inbound })
     }
 

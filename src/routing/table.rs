@@ -200,8 +200,9 @@ impl RoutingTable {
 
     /// Builds the table that follows `previous`: backends in `draining` take no new keys
     /// (they route as weight 0, which the fingerprint shows), and every backend `previous`
-    /// had with the same name and address keeps its live state. `proxy_protocol` is the
-    /// default for backends that do not say.
+    /// had with the same name and address keeps its live state (and every one with the same
+    /// name its metric handles: `previous` must have been built with the same `metrics`).
+    /// `proxy_protocol` is the default for backends that do not say.
     pub fn rebuild(
         specs: &[BackendSpec],
         draining: &HashSet<String>,
@@ -247,21 +248,24 @@ impl RoutingTable {
             }
         };
         let router = Router::new(specs.iter().map(|b| (b.name.as_str(), routed_weight(b))))?;
+        // By name: a change to a table of n backends costs O(n), and the backends it keeps
+        // keep their metric handles (registering them again costs more than the rest).
+        let before: std::collections::HashMap<&str, &Backend> = previous
+            .map(|p| p.backends.iter().map(|b| (&*b.name, b)).collect())
+            .unwrap_or_default();
         let backends = specs
             .iter()
             .zip(router.nodes())
             .map(|(spec, node)| {
-                let metrics = metrics.backend(&spec.name);
-                let state = previous
-                    .and_then(|p| {
-                        p.backends
-                            .iter()
-                            .find(|b| *b.name == *spec.name && b.addr == spec.addr)
-                    })
-                    .map_or_else(
-                        || Arc::new(BackendState::new(metrics.active.clone())),
-                        |b| b.state.clone(),
-                    );
+                let kept = before.get(spec.name.as_str());
+                let metrics = match kept {
+                    Some(b) => b.metrics.clone(),
+                    None => metrics.backend(&spec.name),
+                };
+                let state = kept.filter(|b| b.addr == spec.addr).map_or_else(
+                    || Arc::new(BackendState::new(metrics.active.clone())),
+                    |b| b.state.clone(),
+                );
                 Backend {
                     name: node.name.clone(),
                     addr: spec.addr,
