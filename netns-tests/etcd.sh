@@ -449,6 +449,9 @@ case_member_cut() {
 #    disconnection; back: it reconnects, resyncs and applies a change made meanwhile.
 case_cluster_cut() {
     local m rev took names reconnects
+    # Connected first (a rejoining member can cause an election, which ends the watch for a
+    # moment), so that the 0 below is the cut's doing.
+    wait_metric shardproxy_membership_connected 1 30 || return 1
     reconnects=$(proxy_metric shardproxy_membership_reconnects_total)
     for m in "${MEMBERS[@]}"; do cut_member "$m"; done
     if ! wait_metric shardproxy_membership_connected 0 "$APPLY_BOUND"; then
