@@ -2,6 +2,7 @@
 //! a Prometheus text reader and deterministic data. Everything binds 127.0.0.1:0.
 #![allow(dead_code)]
 
+pub mod etcd;
 pub mod process;
 
 use std::net::SocketAddr;
