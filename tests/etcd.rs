@@ -226,6 +226,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real etcd (apt-get install etcd-server etcd-client); .ci/run runs it"]
 async fn three_proxies_on_one_prefix_route_alike_and_follow_every_change() {
     let _serial = SERIAL.lock().await;
     let etcd = Etcd::start();
@@ -344,6 +345,7 @@ async fn three_proxies_on_one_prefix_route_alike_and_follow_every_change() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real etcd (apt-get install etcd-server etcd-client); .ci/run runs it"]
 async fn an_etcd_outage_costs_no_connection_and_the_proxies_resync_after_it() {
     let _serial = SERIAL.lock().await;
     let mut etcd = Etcd::start();
@@ -458,6 +460,7 @@ async fn an_etcd_outage_costs_no_connection_and_the_proxies_resync_after_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real etcd (apt-get install etcd-server etcd-client); .ci/run runs it"]
 async fn a_proxy_started_while_etcd_is_down_serves_from_its_cache_file() {
     let _serial = SERIAL.lock().await;
     let mut etcd = Etcd::start();
@@ -578,6 +581,7 @@ impl CheckTarget {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real etcd (apt-get install etcd-server etcd-client); .ci/run runs it"]
 async fn the_register_sidecar_keeps_the_key_while_its_check_passes_and_its_lease_lives() {
     let _serial = SERIAL.lock().await;
     let mut etcd = Etcd::start();
@@ -729,6 +733,7 @@ async fn the_register_sidecar_keeps_the_key_while_its_check_passes_and_its_lease
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real etcd (apt-get install etcd-server etcd-client); .ci/run runs it"]
 async fn a_malformed_value_is_skipped_and_counted_and_the_rest_apply() {
     let _serial = SERIAL.lock().await;
     let etcd = Etcd::start();
@@ -810,6 +815,7 @@ async fn http_full(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real etcd (apt-get install etcd-server etcd-client); .ci/run runs it"]
 async fn the_admin_api_says_the_membership_comes_from_etcd_and_refuses_to_change_it() {
     let _serial = SERIAL.lock().await;
     let etcd = Etcd::start();
@@ -905,6 +911,7 @@ async fn the_admin_api_says_the_membership_comes_from_etcd_and_refuses_to_change
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real etcd (apt-get install etcd-server etcd-client); .ci/run runs it"]
 async fn with_three_endpoints_a_proxy_follows_the_cluster_through_any_lost_member() {
     let _serial = SERIAL.lock().await;
     let mut cluster = common::etcd::EtcdCluster::start(3);
@@ -945,6 +952,7 @@ async fn with_three_endpoints_a_proxy_follows_the_cluster_through_any_lost_membe
 
 /// The fixture itself (no proxy): what the other tests rely on it for.
 #[test]
+#[ignore = "needs a real etcd (apt-get install etcd-server etcd-client); .ci/run runs it"]
 fn the_etcd_fixture_puts_gets_compacts_and_survives_a_restart() {
     let mut etcd = Etcd::start();
     let r1 = etcd.put("/t/a", "{\"addr\":\"127.0.0.1:1\"}");
@@ -973,6 +981,7 @@ fn the_etcd_fixture_puts_gets_compacts_and_survives_a_restart() {
 /// The cluster fixture: a write through two members while the third is down, seen by all
 /// three once it is back.
 #[test]
+#[ignore = "needs a real etcd (apt-get install etcd-server etcd-client); .ci/run runs it"]
 fn the_etcd_cluster_fixture_writes_with_a_member_down_and_rejoins_it() {
     let mut cluster = common::etcd::EtcdCluster::start(3);
     cluster.kill(1);
