@@ -1,5 +1,7 @@
 //! End-to-end benchmark harness: shardproxy against HAProxy, against a minimal blocking splice
-//! relay (the floor: what any relay pays on this kernel) and against no proxy at all.
+//! relay (the floor: what any relay pays on this kernel) and against no proxy at all — and,
+//! opt-in, against itself with its membership coming from a real etcd while it changes once a
+//! second (`shardproxy-churn`).
 //!
 //! Run it through `scripts/bench.sh` (installs HAProxy if missing, builds, runs), or as
 //! `cargo bench --bench e2e -- [FLAGS]`; `--help` lists the flags.
@@ -14,9 +16,20 @@
 //!    skips `idle`) — starts a fresh proxy, runs the scenario with the same client code, reads
 //!    the proxy's CPU time and peak RSS from `/proc`, and stops the proxy. The target order
 //!    rotates by round, so drift of the machine hits every target alike;
+//!    **shardproxy-churn** (only with `--proxies ...,shardproxy-churn`; needs `etcd` on PATH)
+//!    is shardproxy at the same thread counts and `--shardproxy-args`, but started with
+//!    `--membership etcd://.../bench` against one etcd the harness starts for the whole run
+//!    (see [`etcd`]; seeded with the same `b1..b3` and addresses as plain shardproxy's
+//!    `--backend` flags). While the scenario runs, a thread puts and deletes a weight-0
+//!    backend `churn` once a second (first 0.5 s after the proxy is ready): routing stays the
+//!    same, but every change is a full membership update in the proxy. After the scenario the
+//!    proxy's `GET /membership` revision must reach the last write's (bounded, 3 s), else the
+//!    run fails. With both `shardproxy@N` and `shardproxy-churn@N`, `results.md` has a
+//!    "membership churn vs none" table: a same-session A/B for issue 10's "no measurable
+//!    change in the data path while a change per second flows";
 //! 3. checks that every key was answered by the same backend every time, per proxy kind
-//!    (and, for direct, shardproxy and the floor, by the backend `Router::pick` names), so a
-//!    proxy that silently falls back to round-robin fails the run;
+//!    (and, for direct, shardproxy, shardproxy-churn and the floor, by the backend
+//!    `Router::pick` names), so a proxy that silently falls back to round-robin fails the run;
 //! 4. writes `results.md`, `chart.svg` and `samples.csv` to `bench-results/<UTC time>/` and
 //!    points the symlink `bench-results/latest` (git-ignored) at that folder.
 //!
@@ -30,6 +43,8 @@
 mod backend;
 #[path = "e2e/chart.rs"]
 mod chart;
+#[path = "e2e/etcd.rs"]
+mod etcd;
 #[path = "e2e/floor.rs"]
 mod floor;
 #[path = "e2e/procs.rs"]
@@ -49,8 +64,9 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use shardproxy::Router;
 
+use etcd::Etcd;
 use procs::{Backends, Proxy, Scratch};
-use report::{Context, Run};
+use report::{ChurnRun, Context, Run};
 use scenarios::{Route, Scenario, Settings};
 
 /// Flags of `cargo bench --bench e2e -- [FLAGS]` (and of `scripts/bench.sh`).
@@ -71,12 +87,15 @@ struct Args {
     /// all).
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
-    /// Proxies to compare with direct, comma-separated: shardproxy,haproxy,floor (default:
-    /// all three; floor is the minimal blocking splice relay, one thread count only).
+    /// Proxies to compare with direct, comma-separated: shardproxy,haproxy,floor,
+    /// shardproxy-churn (default: shardproxy,haproxy,floor; floor is the minimal blocking
+    /// splice relay, one thread count only; shardproxy-churn is shardproxy following a real
+    /// etcd (needs `etcd` on PATH) while its membership changes once a second).
     #[arg(long, value_delimiter = ',')]
     proxies: Vec<String>,
     /// Proxy thread counts, comma-separated: numbers and/or `default` (default: 1,default).
-    /// shardproxy gets `--workers N`, HAProxy `nbthread N`; `default` passes neither.
+    /// shardproxy (and shardproxy-churn) gets `--workers N`, HAProxy `nbthread N`; `default`
+    /// passes neither.
     #[arg(long, value_delimiter = ',')]
     threads: Vec<String>,
     /// Measured window of rr32/rr1/cps32, seconds (default 2; 0.5 with --quick).
@@ -108,7 +127,8 @@ struct Args {
     #[arg(long)]
     shardproxy: Option<PathBuf>,
     /// Extra arguments for `shardproxy run`, whitespace-separated (e.g. "--no-splice"), to
-    /// compare a variant against HAProxy with the same harness.
+    /// compare a variant against HAProxy with the same harness (shardproxy-churn gets them
+    /// too).
     #[arg(long, allow_hyphen_values = true)]
     shardproxy_args: Option<String>,
     /// No progress bar (per-run lines still go to stderr).
@@ -130,6 +150,8 @@ pub enum Kind {
     Shardproxy,
     /// HAProxy.
     Haproxy,
+    /// shardproxy with its membership from etcd, changing once a second.
+    ShardproxyChurn,
 }
 
 impl Kind {
@@ -140,6 +162,7 @@ impl Kind {
             Kind::Floor => "floor",
             Kind::Shardproxy => "shardproxy",
             Kind::Haproxy => "haproxy",
+            Kind::ShardproxyChurn => "shardproxy-churn",
         }
     }
 }
@@ -235,6 +258,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
                 "shardproxy" => Ok(Kind::Shardproxy),
                 "haproxy" => Ok(Kind::Haproxy),
                 "floor" => Ok(Kind::Floor),
+                "shardproxy-churn" => Ok(Kind::ShardproxyChurn),
                 other => Err(format!("unknown proxy {other:?}")),
             })
             .collect::<Result<_, _>>()?
@@ -286,6 +310,14 @@ fn run(args: Args) -> Result<ExitCode, String> {
         .map(str::to_string)
         .collect();
     let shardproxy_cmd = (shardproxy_bin.clone(), extra.clone());
+    let churn = kinds.contains(&Kind::ShardproxyChurn);
+    if churn && !Etcd::available() {
+        return Err(
+            "etcd not found (shardproxy-churn needs it): `apt-get install -y etcd-server`, \
+             or run without shardproxy-churn in --proxies"
+                .into(),
+        );
+    }
     if kinds.contains(&Kind::Haproxy) {
         let found = std::process::Command::new(&args.haproxy)
             .arg("-v")
@@ -316,6 +348,15 @@ fn run(args: Args) -> Result<ExitCode, String> {
     let names = backends.names();
     let router =
         Router::new(names.iter().map(|n| (n.as_str(), 1))).map_err(|e| format!("router: {e}"))?;
+    // One etcd for the whole run, seeded with the backends plain shardproxy gets as flags.
+    let etcd = if churn {
+        let e = Etcd::start(&scratch.0).map_err(|e| format!("starting etcd: {e}"))?;
+        e.seed(&backends)
+            .map_err(|e| format!("seeding etcd with the backends: {e}"))?;
+        Some(e)
+    } else {
+        None
+    };
 
     let per_round = scenario_list
         .iter()
@@ -357,6 +398,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
                     &router,
                     &shardproxy_cmd,
                     &args.haproxy,
+                    etcd.as_ref(),
                     &scratch.0,
                 );
                 if let Ok(m) = &run.result {
@@ -371,6 +413,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
         }
     }
     progress.finish();
+    drop(etcd);
     drop(backends);
     let cpu_end = procs::cpu_accounting();
     let wall = started.elapsed().as_secs_f64();
@@ -388,6 +431,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
         } else {
             "not run".into()
         },
+        etcd_version: churn.then(etcd_version),
         shardproxy_bin: if extra.is_empty() {
             shardproxy_bin.display().to_string()
         } else {
@@ -431,6 +475,7 @@ fn run_one(
     router: &Router,
     shardproxy: &(PathBuf, Vec<String>),
     haproxy_bin: &Path,
+    etcd: Option<&Etcd>,
     scratch: &Path,
 ) -> Run {
     let mut run = Run {
@@ -440,6 +485,7 @@ fn run_one(
         result: Err("not run".into()),
         hwm_kib: None,
         threads: None,
+        churn: None,
     };
     let proxy = match target.kind {
         Kind::Direct => None,
@@ -448,12 +494,35 @@ fn run_one(
                 &shardproxy.0,
                 &shardproxy.1,
                 backends,
+                None,
                 target.threads,
                 &scratch.join("shardproxy.log"),
             ) {
                 Ok(p) => Some(p),
                 Err(e) => {
                     run.result = Err(format!("starting shardproxy: {e}"));
+                    return run;
+                }
+            }
+        }
+        Kind::ShardproxyChurn => {
+            let Some(etcd) = etcd else {
+                run.result = Err("shardproxy-churn without etcd".into());
+                return run;
+            };
+            let url = etcd.url();
+            let cache = scratch.join("membership-cache.json");
+            match Proxy::shardproxy(
+                &shardproxy.0,
+                &shardproxy.1,
+                backends,
+                Some((&url, &cache)),
+                target.threads,
+                &scratch.join("shardproxy-churn.log"),
+            ) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    run.result = Err(format!("starting shardproxy (membership from etcd): {e}"));
                     return run;
                 }
             }
@@ -483,8 +552,33 @@ fn run_one(
             pid: p.pid(),
         },
     };
+    // shardproxy-churn: membership changes once a second while the scenario runs.
+    let churn = match (target.kind, etcd) {
+        (Kind::ShardproxyChurn, Some(etcd)) => match etcd::churn(etcd.client()) {
+            Ok(c) => Some((
+                c,
+                etcd,
+                procs::proc_stat(etcd.pid()).map_or(0.0, |s| s.cpu_s),
+            )),
+            Err(e) => {
+                run.result = Err(format!("starting the churn thread: {e}"));
+                return run;
+            }
+        },
+        _ => None,
+    };
     run.result =
         scenarios::run(scenario, &route, settings, backends.addrs[0]).map_err(|e| e.to_string());
+    if let Some((c, etcd, cpu0)) = churn {
+        let etcd_cpu_s = procs::proc_stat(etcd.pid()).map_or(0.0, |s| s.cpu_s) - cpu0;
+        let admin = proxy.as_ref().and_then(|p| p.admin);
+        if let Err(e) = finish_churn(&mut run, c, etcd, admin, etcd_cpu_s) {
+            run.result = Err(match &run.result {
+                Ok(_) => e,
+                Err(first) => format!("{first}; then {e}"),
+            });
+        }
+    }
     if let Some(p) = &proxy {
         if let Ok(st) = procs::proc_stat(p.pid()) {
             run.hwm_kib = Some(st.hwm_kib);
@@ -497,6 +591,56 @@ fn run_one(
     }
     drop(proxy);
     run
+}
+
+/// Stops a churn run's thread, checks that the proxy (admin API `admin`) followed every
+/// change, records the outcome in `run.churn`, and deletes the churn backend if the run left
+/// it present (so every churn run starts from `b1..b3`; not counted as a change).
+fn finish_churn(
+    run: &mut Run,
+    churn: etcd::Churn,
+    etcd: &Etcd,
+    admin: Option<std::net::SocketAddr>,
+    etcd_cpu_s: f64,
+) -> Result<(), String> {
+    let outcome = churn.stop()?;
+    if let Some(rev) = outcome.last_rev {
+        etcd.wrote(rev);
+    }
+    let want = etcd.last_revision();
+    let followed = match admin {
+        Some(a) => etcd::wait_followed(a, want, Duration::from_secs(3)),
+        None => Err("the proxy has no admin address".into()),
+    };
+    run.churn = Some(ChurnRun {
+        changes: outcome.changes,
+        revision: want,
+        followed: followed.is_ok(),
+        etcd_cpu_s,
+    });
+    let cleanup = if outcome.present {
+        etcd.delete(etcd::CHURN_NAME)
+            .map(|_| ())
+            .map_err(|e| format!("deleting the churn backend after the run: {e}"))
+    } else {
+        Ok(())
+    };
+    if let Some(e) = outcome.error {
+        return Err(e);
+    }
+    followed?;
+    cleanup
+}
+
+/// `etcd --version`'s first line.
+fn etcd_version() -> String {
+    std::process::Command::new("etcd")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Which backend answered each key, per proxy kind, over every run.
@@ -513,7 +657,10 @@ impl RoutingCheck {
                 .push(format!("{}: {c} (same run)", kind.name()));
         }
         for (key, &id) in &m.seen {
-            if matches!(kind, Kind::Direct | Kind::Shardproxy | Kind::Floor) {
+            if matches!(
+                kind,
+                Kind::Direct | Kind::Shardproxy | Kind::ShardproxyChurn | Kind::Floor
+            ) {
                 let want = router.pick(key.as_bytes()).map(|i| b'0' + i as u8);
                 if want != Some(id) {
                     self.violations.push(format!(
@@ -543,7 +690,13 @@ impl RoutingCheck {
     /// sends every key to one backend.
     fn summary(&mut self, names: &[String]) -> Vec<String> {
         let mut lines = Vec::new();
-        for kind in [Kind::Direct, Kind::Floor, Kind::Shardproxy, Kind::Haproxy] {
+        for kind in [
+            Kind::Direct,
+            Kind::Floor,
+            Kind::Shardproxy,
+            Kind::ShardproxyChurn,
+            Kind::Haproxy,
+        ] {
             let mut per = vec![0usize; names.len()];
             for ((k, _), id) in &self.seen {
                 if *k == kind {

@@ -11,8 +11,14 @@
 #   --quick               short smoke run (1 round, small transfers, ~40 s)
 #   --rounds N            interleaved rounds (default 3; medians are reported)
 #   --scenarios a,b       subset of bulk1,echo1,pingup,rr32,rr1,cps32,idle (default: all)
-#   --proxies a,b         subset of shardproxy,haproxy,floor (direct always runs; the floor
-#                         relay has no thread setting and skips idle)
+#   --proxies a,b         subset of shardproxy,haproxy,floor,shardproxy-churn (default:
+#                         shardproxy,haproxy,floor; direct always runs; the floor relay has no
+#                         thread setting and skips idle). shardproxy-churn (opt-in, needs
+#                         `etcd` on PATH: apt-get install etcd-server) is shardproxy with its
+#                         membership from an etcd the harness starts, changing once a second
+#                         (a weight-0 backend put/deleted) during each scenario; with
+#                         shardproxy,shardproxy-churn results.md gets a churn-vs-none table
+#                         (issue 10: no measurable change while a change per second flows)
 #   --threads 1,default   proxy thread counts: shardproxy --workers N vs haproxy nbthread N;
 #                         `default` passes neither (one per core for both)
 #   --duration S          rr/cps measured window in seconds (default 2)
@@ -25,6 +31,7 @@
 #   --out DIR             results folder (default bench-results)
 #   --haproxy PATH        HAProxy binary (default: haproxy on PATH)
 #   --shardproxy-args "A B"  extra `shardproxy run` flags for an A/B run (e.g. "--no-splice")
+#                         (shardproxy-churn gets them too)
 #   --no-progress         no progress bar
 #   --help                the harness's own help
 # Also: `cargo bench --bench micro` for the criterion micro-benchmarks (~1 min).

@@ -1,5 +1,5 @@
 //! Child processes of the harness — the backends process, shardproxy, HAProxy, the floor
-//! relay — and what the harness reads about them from `/proc`.
+//! relay, etcd (see [`crate::etcd`]) — and what the harness reads about them from `/proc`.
 //!
 //! Every child is registered in a global table; its guard kills (SIGKILL) and reaps it on
 //! drop, including while unwinding from a panic, and a signal thread kills every registered
@@ -81,7 +81,8 @@ pub struct Guard {
 }
 
 impl Guard {
-    fn register(child: Child) -> Self {
+    /// Registers `child`: from now on it is killed on drop, on error exit and on a signal.
+    pub fn register(child: Child) -> Self {
         let pid = child.id();
         registry().insert(pid, child);
         Guard { pid }
@@ -93,7 +94,7 @@ impl Guard {
     }
 
     /// `Some(status)` if the child has exited.
-    fn exited(&self) -> Option<String> {
+    pub fn exited(&self) -> Option<String> {
         let mut reg = registry();
         let child = reg.get_mut(&self.pid)?;
         match child.try_wait() {
@@ -185,6 +186,8 @@ impl Backends {
 pub struct Proxy {
     /// Where clients connect.
     pub addr: SocketAddr,
+    /// shardproxy's admin API, when started with `--admin`.
+    pub admin: Option<SocketAddr>,
     guard: Guard,
     _stdout: Option<BufReader<ChildStdout>>,
     // The floor relay exits when this closes.
@@ -192,18 +195,31 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Starts `shardproxy run` with `--workers n` when `workers` is given.
+    /// Starts `shardproxy run` with `--workers n` when `workers` is given: with a
+    /// `--backend NAME=ADDR` per backend, or — `membership` = (URL, cache file) — with
+    /// `--membership URL --membership-cache FILE --admin 127.0.0.1:0` and no `--backend`
+    /// (the backends come from etcd).
     pub fn shardproxy(
         bin: &Path,
         extra: &[String],
         backends: &Backends,
+        membership: Option<(&str, &Path)>,
         workers: Option<usize>,
         log: &Path,
     ) -> io::Result<Self> {
         let mut cmd = Command::new(bin);
         cmd.args(["run", "--listen", "127.0.0.1:0"]);
-        for (name, addr) in backends.names().iter().zip(&backends.addrs) {
-            cmd.arg("--backend").arg(format!("{name}={addr}"));
+        match membership {
+            None => {
+                for (name, addr) in backends.names().iter().zip(&backends.addrs) {
+                    cmd.arg("--backend").arg(format!("{name}={addr}"));
+                }
+            }
+            Some((url, cache)) => {
+                cmd.arg("--membership").arg(url);
+                cmd.arg("--membership-cache").arg(cache);
+                cmd.args(["--admin", "127.0.0.1:0"]);
+            }
         }
         if let Some(n) = workers {
             cmd.arg("--workers").arg(n.to_string());
@@ -217,13 +233,27 @@ impl Proxy {
         let stdout = child.stdout.take().expect("piped stdout");
         let guard = Guard::register(child);
         let (line, reader) = first_line(stdout, &guard).map_err(|e| with_log(e, log))?;
-        let addr = line
+        // `listening on ADDR` or `listening on ADDR admin ADDR`.
+        let words: Vec<&str> = line
             .strip_prefix("listening on ")
-            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        let bad = || io::Error::other(format!("unexpected shardproxy line {line:?}"));
+        let addr = words
+            .first()
             .and_then(|a| a.parse::<SocketAddr>().ok())
-            .ok_or_else(|| io::Error::other(format!("unexpected shardproxy line {line:?}")))?;
+            .ok_or_else(bad)?;
+        let admin = match words.get(1..) {
+            Some(["admin", a, ..]) => Some(a.parse::<SocketAddr>().map_err(|_| bad())?),
+            _ => None,
+        };
+        if membership.is_some() && admin.is_none() {
+            return Err(bad());
+        }
         Ok(Proxy {
             addr,
+            admin,
             guard,
             _stdout: Some(reader),
             _stdin: None,
@@ -254,6 +284,7 @@ impl Proxy {
             .ok_or_else(|| io::Error::other(format!("unexpected floor-relay line {line:?}")))?;
         Ok(Proxy {
             addr,
+            admin: None,
             guard,
             _stdout: Some(reader),
             _stdin: Some(stdin),
@@ -301,6 +332,7 @@ impl Proxy {
         }
         Ok(Proxy {
             addr,
+            admin: None,
             guard,
             _stdout: None,
             _stdin: None,
@@ -367,7 +399,8 @@ fn free_port() -> io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn with_log(e: io::Error, log: &Path) -> io::Error {
+/// `e` with the last 10 lines of `log` appended.
+pub fn with_log(e: io::Error, log: &Path) -> io::Error {
     let tail = fs::read_to_string(log).unwrap_or_default();
     let tail: String = tail
         .lines()

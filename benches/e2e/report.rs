@@ -5,6 +5,9 @@
 //! and of (target ÷ floor relay in the same round), so drift between rounds cancels. CPU is
 //! the proxy's on-CPU time over the measured window; peak RSS is its VmHWM (the proxy is
 //! restarted for every run, so that is the run's peak).
+//!
+//! With both `shardproxy@N` and `shardproxy-churn@N`, a "membership churn vs none" table
+//! pairs them the same way: per round, churn ÷ plain of each scenario's main number.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -31,6 +34,42 @@ pub struct Run {
     pub hwm_kib: Option<u64>,
     /// The proxy's thread count at the end of the run.
     pub threads: Option<u64>,
+    /// shardproxy-churn: the membership changes made during the run.
+    pub churn: Option<ChurnRun>,
+}
+
+/// What a shardproxy-churn run did to the membership.
+#[derive(Debug, Clone, Copy)]
+pub struct ChurnRun {
+    /// Membership changes (puts and deletes of the weight-0 backend) while the scenario ran.
+    pub changes: u64,
+    /// The etcd revision of the last write, which the proxy had to reach.
+    pub revision: i64,
+    /// Whether `GET /membership` reached `revision` within the bound.
+    pub followed: bool,
+    /// etcd's CPU seconds over the scenario.
+    pub etcd_cpu_s: f64,
+}
+
+impl ChurnRun {
+    /// `churn: 2 changes, followed (rev 9)`.
+    pub fn describe(&self) -> String {
+        let changes = match self.changes {
+            0 => "0 changes (the scenario ended before the first, 0.5 s in)".to_string(),
+            1 => "1 change".to_string(),
+            n => format!("{n} changes"),
+        };
+        format!(
+            "churn: {changes}, {} (rev {}), etcd cpu {:.2}s",
+            if self.followed {
+                "followed"
+            } else {
+                "NOT followed"
+            },
+            self.revision,
+            self.etcd_cpu_s
+        )
+    }
 }
 
 /// Everything the report states besides the numbers.
@@ -49,6 +88,8 @@ pub struct Context {
     pub commit: String,
     /// `haproxy -v`.
     pub haproxy_version: String,
+    /// `etcd --version`, when shardproxy-churn ran.
+    pub etcd_version: Option<String>,
     /// The shardproxy binary.
     pub shardproxy_bin: String,
     /// How to reproduce.
@@ -75,8 +116,11 @@ pub fn run_line(r: &Run) -> String {
         r.scenario.name(),
         r.target.id()
     );
+    let churn = r
+        .churn
+        .map_or_else(String::new, |c| format!("  {}", c.describe()));
     match &r.result {
-        Err(e) => format!("{head} FAILED: {e}"),
+        Err(e) => format!("{head} FAILED: {e}{churn}"),
         Ok(m) => {
             let mut s = format!("{head} {} {}", fmt_num(m.figure), r.scenario.unit());
             if let Some([p50, p99, p999]) = m.lat_us {
@@ -103,6 +147,7 @@ pub fn run_line(r: &Run) -> String {
             if let Some(h) = r.hwm_kib {
                 let _ = write!(s, "  peak {:.1} MiB", h as f64 / 1024.0);
             }
+            s.push_str(&churn);
             s
         }
     }
@@ -171,6 +216,8 @@ pub struct Agg {
     pub fds_per_conn: Option<f64>,
     /// Threads observed in the proxy.
     pub threads: Option<u64>,
+    /// shardproxy-churn: membership changes per run (median over the successful rounds).
+    pub churn_changes: Option<f64>,
 }
 
 /// Proxy CPU per unit of the scenario: seconds per GiB forwarded (bulk1, echo1, pingup),
@@ -260,6 +307,7 @@ pub fn aggregate(runs: &[Run]) -> BTreeMap<(Scenario, Target), Agg> {
             rss_per_conn: col(&|_, m, _| m.rss_per_conn),
             fds_per_conn: col(&|_, m, _| m.fds_per_conn),
             threads: oks.iter().filter_map(|(_, _, r)| r.threads).max(),
+            churn_changes: col(&|_, _, r| r.churn.map(|c| c.changes as f64)),
         };
         out.insert((scenario, target), agg);
     }
@@ -339,6 +387,12 @@ fn markdown(ctx: &Context, runs: &[Run], aggs: &BTreeMap<(Scenario, Target), Agg
     );
     let _ = writeln!(md, "| commit | {} |", ctx.commit);
     let _ = writeln!(md, "| haproxy | {} |", ctx.haproxy_version);
+    if let Some(v) = &ctx.etcd_version {
+        let _ = writeln!(
+            md,
+            "| etcd | {v} (one member for the whole run, same machine) |"
+        );
+    }
     let _ = writeln!(md, "| shardproxy | `{}` |", ctx.shardproxy_bin);
     let _ = writeln!(
         md,
@@ -381,6 +435,14 @@ fn markdown(ctx: &Context, runs: &[Run], aggs: &BTreeMap<(Scenario, Target), Agg
                 "haproxy N={n}: `nbthread {n}` (observed {} threads)",
                 observed_threads(aggs, t)
             )),
+            (Kind::ShardproxyChurn, Some(n)) => threads.push(format!(
+                "shardproxy-churn N={n}: `--workers {n}` (observed {} threads)",
+                observed_threads(aggs, t)
+            )),
+            (Kind::ShardproxyChurn, None) => threads.push(format!(
+                "shardproxy-churn default: no `--workers` (observed {} threads)",
+                observed_threads(aggs, t)
+            )),
             (Kind::Haproxy, None) => threads.push(format!(
                 "haproxy default: no `nbthread`, one thread per core = {} (observed {} threads)",
                 default_threads(),
@@ -400,6 +462,9 @@ fn markdown(ctx: &Context, runs: &[Run], aggs: &BTreeMap<(Scenario, Target), Agg
              connection are 10000 threads and 30000 fds at the default 5000 connections, \
              over the 20000 fd limit |"
         );
+    }
+    if ctx.targets.iter().any(|t| t.kind == Kind::ShardproxyChurn) {
+        let _ = writeln!(md, "| shardproxy-churn | {} |", CHURN_DESCRIPTION);
     }
     let _ = writeln!(
         md,
@@ -499,6 +564,10 @@ fn markdown(ctx: &Context, runs: &[Run], aggs: &BTreeMap<(Scenario, Target), Agg
             if let Some(f) = a.fds_per_conn {
                 notes.push(format!("{f:.2} fds/conn"));
             }
+            if let Some(c) = a.churn_changes {
+                let plural = if c == 1.0 { "" } else { "s" };
+                notes.push(format!("churn: {c:.0} change{plural}/run, followed"));
+            }
             if a.failed > 0 {
                 notes.push(format!("{} of {} rounds FAILED", a.failed, a.failed + a.ok));
             }
@@ -524,14 +593,15 @@ fn markdown(ctx: &Context, runs: &[Run], aggs: &BTreeMap<(Scenario, Target), Agg
     }
     against_floor(&mut md, ctx, aggs);
     goals(&mut md, ctx, aggs);
+    churn_vs_none(&mut md, ctx, runs);
 
     let _ = writeln!(md, "## Routing check\n");
     if ctx.routing_violations.is_empty() {
         let _ = writeln!(
             md,
             "Passed: every key was answered by the same backend in every run of its proxy \
-             kind (both thread settings), and for direct, shardproxy and the floor relay by \
-             the backend `shardproxy::Router::pick` names.\n"
+             kind (both thread settings), and for direct, shardproxy, shardproxy-churn and \
+             the floor relay by the backend `shardproxy::Router::pick` names.\n"
         );
     } else {
         let _ = writeln!(
@@ -901,18 +971,19 @@ fn csv(runs: &[Run]) -> String {
     let mut s = String::from(
         "round,scenario,target,ok,figure,unit,p50_us,p99_us,p999_us,proxy_cpu_s,bytes,ops,\
          peak_rss_kib,threads,rss_per_conn_bytes,fds_per_conn,ping_p50_us,ping_p99_us,\
-         ping_max_us,error\n",
+         ping_max_us,churn_changes,error\n",
     );
     let o = |x: Option<f64>| x.map_or_else(String::new, |v| format!("{v:.3}"));
     for r in runs {
         let _ = write!(s, "{},{},{},", r.round, r.scenario.name(), r.target.id());
+        let churn = r.churn.map_or_else(String::new, |c| c.changes.to_string());
         match &r.result {
             Ok(m) => {
                 let lat = m.lat_us.map_or([None; 3], |l| l.map(Some));
                 let ping = m.ping_us.map_or([None; 3], |l| l.map(Some));
                 let _ = writeln!(
                     s,
-                    "1,{:.3},{},{},{},{},{},{},{},{},{},{},{},{},{},{},",
+                    "1,{:.3},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},",
                     m.figure,
                     r.scenario.unit(),
                     o(lat[0]),
@@ -927,17 +998,178 @@ fn csv(runs: &[Run]) -> String {
                     o(m.fds_per_conn),
                     o(ping[0]),
                     o(ping[1]),
-                    o(ping[2])
+                    o(ping[2]),
+                    churn
                 );
             }
             Err(e) => {
                 let _ = writeln!(
                     s,
-                    "0,,,,,,,,,,,,,,,,,\"{}\"",
+                    "0,,,,,,,,,,,,,,,,{},\"{}\"",
+                    churn,
                     e.replace('"', "'").replace('\n', " ")
                 );
             }
         }
     }
     s
+}
+
+/// What the shardproxy-churn target is, for `results.md`.
+const CHURN_DESCRIPTION: &str = "shardproxy with the same thread count and extra flags, but \
+     its membership from a real etcd (`--membership etcd://127.0.0.1:PORT/bench \
+     --membership-cache FILE --admin 127.0.0.1:0`, no `--backend`): one etcd member for the \
+     whole harness run on this machine, seeded with `/bench/backends/b1..b3` = the same names \
+     and addresses plain shardproxy gets as flags, so routing is identical (checked below). \
+     While each scenario runs, a harness thread changes the membership once a second (the \
+     first change 0.5 s after the proxy is ready): it alternately puts and deletes \
+     `/bench/backends/churn` = `{\"addr\":\"127.0.0.1:1\",\"weight\":0}`. Weight 0 takes no \
+     keys, so no benchmark key moves, but every change is a full membership update in the \
+     proxy: the watch event, a debounced (100 ms) table rebuild and swap, the cache file \
+     rewrite, and a wake-up of every established connection's owner-change watch. After the \
+     scenario the proxy's `GET /membership` revision must reach the last write's within 3 s, \
+     or the run fails. Scenarios shorter than 0.5 s see no change at all; etcd's own CPU is \
+     not in the proxy's CPU figures but shares the machine";
+
+/// The scenario's main number, as the goals table picks it: pingup the max ping delay (µs,
+/// lower is better), idle the RSS per connection (bytes, lower is better), the others the
+/// headline figure (higher is better). (label, value, higher is better).
+fn main_number(sc: Scenario, m: &Measured) -> Option<(&'static str, f64, bool)> {
+    match sc {
+        Scenario::Pingup => Some(("max ping delay, ms", m.ping_us?[2] / 1000.0, false)),
+        Scenario::Idle => Some(("RSS B/conn", m.rss_per_conn?, false)),
+        _ => Some((sc.unit(), m.figure, true)),
+    }
+}
+
+/// "membership churn (1 change/s) vs none": per scenario and thread setting where both
+/// `shardproxy@N` and `shardproxy-churn@N` ran, the median over rounds of churn ÷ plain in
+/// the same round for the scenario's main number (as the goals table picks it), p99 latency
+/// and proxy CPU per unit, with the medians of both.
+fn churn_vs_none(md: &mut String, ctx: &Context, runs: &[Run]) {
+    let mut settings: Vec<Option<usize>> = Vec::new();
+    for t in &ctx.targets {
+        let plain = Target {
+            kind: Kind::Shardproxy,
+            threads: t.threads,
+        };
+        if t.kind == Kind::ShardproxyChurn
+            && ctx.targets.contains(&plain)
+            && !settings.contains(&t.threads)
+        {
+            settings.push(t.threads);
+        }
+    }
+    if settings.is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "## Membership churn (1 change/s) vs none\n");
+    let _ = writeln!(
+        md,
+        "shardproxy-churn (membership from etcd, one change per second during the scenario) \
+         against plain shardproxy (`--backend` flags) at the same thread count, paired by \
+         round: the median over rounds of (churn ÷ plain in the same round), and the medians \
+         of both. Main number as in the goals table: the figure (higher is better), pingup's \
+         max ping delay and idle's RSS per connection (lower is better). Issue 10's target is \
+         no measurable change: ratios within the rounds' spread of 1.00×.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| scenario | threads | main number | plain | churn | churn ÷ plain | p99 µs plain → churn (÷) | CPU/unit churn ÷ plain | changes/run |"
+    );
+    let _ = writeln!(md, "|---|---|---|---:|---:|---:|---|---:|---:|");
+    for sc in &ctx.scenarios {
+        for th in &settings {
+            let pick = |kind: Kind, round: usize| {
+                runs.iter()
+                    .find(|r| {
+                        r.scenario == *sc
+                            && r.round == round
+                            && r.target == Target { kind, threads: *th }
+                    })
+                    .and_then(|r| r.result.as_ref().ok().map(|m| (m, r)))
+            };
+            let mut plain_v = Vec::new();
+            let mut churn_v = Vec::new();
+            let mut ratio = Vec::new();
+            let mut p99 = (Vec::new(), Vec::new(), Vec::new());
+            let mut cpu = Vec::new();
+            let mut changes = Vec::new();
+            let mut label = None;
+            let mut higher = true;
+            for round in 1..=ctx.rounds {
+                let p = pick(Kind::Shardproxy, round);
+                let c = pick(Kind::ShardproxyChurn, round);
+                let pv = p.and_then(|(m, _)| main_number(*sc, m));
+                let cv = c.and_then(|(m, _)| main_number(*sc, m));
+                if let Some((l, v, h)) = pv {
+                    plain_v.push(v);
+                    label = Some(l);
+                    higher = h;
+                }
+                if let Some((l, v, h)) = cv {
+                    churn_v.push(v);
+                    label = Some(l);
+                    higher = h;
+                }
+                if let (Some((_, pv, _)), Some((_, cv, _))) = (pv, cv) {
+                    if pv > 0.0 {
+                        ratio.push(cv / pv);
+                    }
+                }
+                let pl = p.and_then(|(m, _)| m.lat_us.map(|l| l[1]));
+                let cl = c.and_then(|(m, _)| m.lat_us.map(|l| l[1]));
+                if let Some(x) = pl {
+                    p99.0.push(x);
+                }
+                if let Some(x) = cl {
+                    p99.1.push(x);
+                }
+                if let (Some(a), Some(b)) = (pl, cl) {
+                    if a > 0.0 {
+                        p99.2.push(b / a);
+                    }
+                }
+                if let (Some((pm, _)), Some((cm, _))) = (p, c) {
+                    if let (Some(a), Some(b)) = (cpu_per_unit(*sc, pm), cpu_per_unit(*sc, cm)) {
+                        if a > 0.0 {
+                            cpu.push(b / a);
+                        }
+                    }
+                }
+                if let Some(ch) = c.and_then(|(_, r)| r.churn) {
+                    changes.push(ch.changes as f64);
+                }
+            }
+            let Some(label) = label else {
+                continue;
+            };
+            let threads = th.map_or_else(
+                || format!("default (N={})", default_threads()),
+                |n| format!("N={n}"),
+            );
+            let ratio_s = opt(median(ratio), |x| {
+                format!("{x:.3}×{}", if higher { "" } else { " (lower is better)" })
+            });
+            let p99_s = match (median(p99.0), median(p99.1)) {
+                (None, None) => "–".to_string(),
+                (a, b) => format!(
+                    "{} → {} ({})",
+                    opt(a, |x| format!("{x:.0}")),
+                    opt(b, |x| format!("{x:.0}")),
+                    opt(median(p99.2), |x| format!("{x:.2}×"))
+                ),
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {threads} | {label} | {} | {} | {ratio_s} | {p99_s} | {} | {} |",
+                sc.name(),
+                opt(median(plain_v), fmt_num),
+                opt(median(churn_v), fmt_num),
+                opt(median(cpu), |x| format!("{x:.2}×")),
+                opt(median(changes), |x| format!("{x:.0}")),
+            );
+        }
+    }
+    let _ = writeln!(md);
 }
