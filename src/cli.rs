@@ -192,6 +192,9 @@ pub struct RunArgs {
     /// reached (with --membership, or `[membership]` in --config).
     #[arg(long, value_name = "PATH")]
     pub membership_cache: Option<PathBuf>,
+    /// TLS and authentication towards etcd (with --membership).
+    #[command(flatten)]
+    pub etcd: EtcdSecurityArgs,
     /// Admin/metrics address (GET /metrics, /healthz); no admin listener if absent.
     #[arg(long)]
     pub admin: Option<SocketAddr>,
@@ -528,6 +531,7 @@ impl RunArgs {
                 }
             }
         }
+        self.etcd.apply(c, &set)?;
         if c.membership.is_some() && !c.backends.is_empty() {
             return Err(ConfigError::Invalid {
                 field: "--membership",
@@ -540,12 +544,105 @@ impl RunArgs {
     }
 }
 
+/// TLS and user/password authentication towards etcd (`run --membership`, `register`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct EtcdSecurityArgs {
+    /// PEM CA certificate(s) of the etcd members: connect with TLS (https) and verify each
+    /// member's certificate against it and the endpoint's host name or IP address.
+    #[arg(long, value_name = "PATH")]
+    pub etcd_ca: Option<PathBuf>,
+    /// PEM client certificate, for an etcd started with --client-cert-auth (needs --etcd-key
+    /// and --etcd-ca).
+    #[arg(long, value_name = "PATH")]
+    pub etcd_cert: Option<PathBuf>,
+    /// PEM private key of --etcd-cert.
+    #[arg(long, value_name = "PATH")]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user, for an etcd with authentication enabled (needs --etcd-password-file).
+    #[arg(long, value_name = "NAME")]
+    pub etcd_user: Option<String>,
+    /// File whose first line is the etcd user's password (a file, so the password is in no
+    /// process listing).
+    #[arg(long, value_name = "PATH")]
+    pub etcd_password_file: Option<PathBuf>,
+}
+
+impl EtcdSecurityArgs {
+    /// The settings as given.
+    pub fn security(&self) -> crate::membership::EtcdSecurity {
+        crate::membership::EtcdSecurity {
+            ca_file: self.etcd_ca.clone(),
+            cert_file: self.etcd_cert.clone(),
+            key_file: self.etcd_key.clone(),
+            user: self.etcd_user.clone(),
+            password_file: self.etcd_password_file.clone(),
+        }
+    }
+
+    /// Puts the flags that `set` selects over `c`'s membership settings (the file's, when
+    /// there is one); an error if they are given without a membership from etcd.
+    fn apply(&self, c: &mut ProxyConfig, set: &dyn Fn(&str) -> bool) -> Result<(), ConfigError> {
+        let given = |id: &str| set(id) && self.given_value(id);
+        let Some(flag) = [
+            "etcd_ca",
+            "etcd_cert",
+            "etcd_key",
+            "etcd_user",
+            "etcd_password_file",
+        ]
+        .into_iter()
+        .find(|id| given(id)) else {
+            return Ok(());
+        };
+        let Some(m) = &mut c.membership else {
+            return Err(ConfigError::Invalid {
+                field: "--membership",
+                why: format!(
+                    "--{} applies only with --membership (or [membership] in the config file)",
+                    flag.replace('_', "-")
+                ),
+            });
+        };
+        let s = &mut m.security;
+        if given("etcd_ca") {
+            s.ca_file = self.etcd_ca.clone();
+        }
+        if given("etcd_cert") {
+            s.cert_file = self.etcd_cert.clone();
+        }
+        if given("etcd_key") {
+            s.key_file = self.etcd_key.clone();
+        }
+        if given("etcd_user") {
+            s.user = self.etcd_user.clone();
+        }
+        if given("etcd_password_file") {
+            s.password_file = self.etcd_password_file.clone();
+        }
+        Ok(())
+    }
+
+    fn given_value(&self, id: &str) -> bool {
+        match id {
+            "etcd_ca" => self.etcd_ca.is_some(),
+            "etcd_cert" => self.etcd_cert.is_some(),
+            "etcd_key" => self.etcd_key.is_some(),
+            "etcd_user" => self.etcd_user.is_some(),
+            "etcd_password_file" => self.etcd_password_file.is_some(),
+            _ => false,
+        }
+    }
+}
+
 /// `shardproxy register`.
 #[derive(Debug, Args)]
 pub struct RegisterArgs {
     /// The etcd prefix: `etcd://HOST:PORT[,HOST:PORT...]/PREFIX`.
     #[arg(long, value_name = "URL", value_parser = parse_membership_url)]
     pub membership: crate::membership::MembershipUrl,
+    /// TLS and authentication towards etcd.
+    #[command(flatten)]
+    pub etcd: EtcdSecurityArgs,
     /// The backend's name (its key is `PREFIX/backends/NAME`).
     #[arg(long, value_parser = parse_backend_name)]
     pub name: String,
@@ -796,6 +893,43 @@ mod tests {
         assert!(e.to_string().contains("prefix is empty"), "{e}");
         let e = run_args(&[]).unwrap_err();
         assert!(e.to_string().contains("--backend"), "{e}");
+    }
+
+    #[test]
+    fn etcd_security_flags_go_with_the_membership() {
+        let url = "etcd://127.0.0.1:2379/sp/a";
+        let r = run_args(&[
+            "--membership",
+            url,
+            "--etcd-ca",
+            "/tls/ca.pem",
+            "--etcd-cert",
+            "/tls/c.pem",
+            "--etcd-key",
+            "/tls/k.pem",
+            "--etcd-user",
+            "proxy",
+            "--etcd-password-file",
+            "/tls/pw",
+        ])
+        .unwrap();
+        let c = r.config().unwrap();
+        let s = &c.membership.as_ref().expect("membership").security;
+        assert_eq!(s.ca_file, Some(PathBuf::from("/tls/ca.pem")));
+        assert_eq!(s.cert_file, Some(PathBuf::from("/tls/c.pem")));
+        assert_eq!(s.key_file, Some(PathBuf::from("/tls/k.pem")));
+        assert_eq!(s.user.as_deref(), Some("proxy"));
+        assert_eq!(s.password_file, Some(PathBuf::from("/tls/pw")));
+        // The files are read by validate(): a missing one names its flag.
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("--etcd-ca") && e.contains("/tls/ca.pem"), "{e}");
+        // Without a membership from etcd they mean nothing: say so.
+        let r = run_args(&["--backend", "b1=127.0.0.1:1", "--etcd-user", "proxy"]).unwrap();
+        let e = r.config().unwrap_err().to_string();
+        assert!(
+            e.contains("--etcd-user") && e.contains("only with --membership"),
+            "{e}"
+        );
     }
 
     #[test]

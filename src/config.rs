@@ -366,6 +366,8 @@ pub struct MembershipConfig {
     pub cache_file: Option<std::path::PathBuf>,
     /// Events within this time are applied as one table swap.
     pub debounce: Duration,
+    /// TLS and authentication towards etcd.
+    pub security: crate::membership::EtcdSecurity,
 }
 
 impl MembershipConfig {
@@ -375,6 +377,7 @@ impl MembershipConfig {
             url,
             cache_file: None,
             debounce: DEFAULT_MEMBERSHIP_DEBOUNCE,
+            security: crate::membership::EtcdSecurity::default(),
         }
     }
 }
@@ -466,6 +469,18 @@ impl ProxyConfig {
                         m.debounce
                     ),
                 });
+            }
+            match m.security.check() {
+                Ok(()) => {}
+                Err(crate::membership::EtcdError::Security { field, why }) => {
+                    return Err(ConfigError::Invalid { field, why })
+                }
+                Err(e) => {
+                    return Err(ConfigError::Invalid {
+                        field: "--membership",
+                        why: e.to_string(),
+                    })
+                }
             }
         }
         Router::new(self.backends.iter().map(|b| (b.name.as_str(), b.weight)))?;

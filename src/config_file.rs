@@ -194,6 +194,11 @@ struct MembershipSection {
     url: S<String>,
     cache_file: Option<S<PathBuf>>,
     debounce: Option<S<String>>,
+    ca_file: Option<S<PathBuf>>,
+    cert_file: Option<S<PathBuf>>,
+    key_file: Option<S<PathBuf>>,
+    user: Option<S<String>>,
+    password_file: Option<S<PathBuf>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -874,6 +879,23 @@ impl<'a> Cx<'a> {
             let mut mc = MembershipConfig::new(url);
             mc.cache_file = m.cache_file.as_ref().map(|p| self.path(p.get_ref()));
             mc.debounce = self.duration(&m.debounce, "membership.debounce", mc.debounce)?;
+            for (key, file) in [
+                ("membership.ca_file", &m.ca_file),
+                ("membership.cert_file", &m.cert_file),
+                ("membership.key_file", &m.key_file),
+                ("membership.password_file", &m.password_file),
+            ] {
+                spans.note(key, file);
+            }
+            spans.note("membership.user", &m.user);
+            let file = |f: &Option<S<PathBuf>>| f.as_ref().map(|p| self.path(p.get_ref()));
+            mc.security = crate::membership::EtcdSecurity {
+                ca_file: file(&m.ca_file),
+                cert_file: file(&m.cert_file),
+                key_file: file(&m.key_file),
+                user: m.user.as_ref().map(|u| u.get_ref().clone()),
+                password_file: file(&m.password_file),
+            };
             c.membership = Some(mc);
         }
         // Kept for locating validate()'s `--backend` errors (DSR: IPv4 only).
@@ -927,6 +949,11 @@ impl<'a> Cx<'a> {
             "--upgrade-socket" => &["upgrade_socket"],
             "membership.debounce" => &["membership.debounce"],
             "--membership" => &["membership.url"],
+            "--etcd-ca" => &["membership.ca_file"],
+            "--etcd-cert" => &["membership.cert_file", "membership.ca_file"],
+            "--etcd-key" => &["membership.key_file", "membership.cert_file"],
+            "--etcd-user" => &["membership.user", "membership.password_file"],
+            "--etcd-password-file" => &["membership.password_file", "membership.user"],
             _ => &[],
         };
         let found = candidates
@@ -951,6 +978,11 @@ fn flags_to_keys(why: &str) -> String {
         ("--max-pending-headers", "limits.max_pending_headers"),
         ("--max-connections", "limits.max_connections"),
         ("--admin-token-file", "admin_token_file"),
+        ("--etcd-password-file", "membership.password_file"),
+        ("--etcd-cert", "membership.cert_file"),
+        ("--etcd-key", "membership.key_file"),
+        ("--etcd-user", "membership.user"),
+        ("--etcd-ca", "membership.ca_file"),
         ("--upgrade-socket", "upgrade_socket"),
         ("--dsr-secret-file", "dsr.secret_file"),
         ("--dsr-device", "dsr.device"),
@@ -1165,6 +1197,19 @@ mod tests {
         assert_eq!((line, key.as_str()), (6, "membership.debounce"), "{msg}");
         let (line, key, _) = err(&format!("{M}colour = 1\n"));
         assert_eq!((line, key.as_str()), (7, "membership.colour"));
+        // TLS and login files are relative to the file and checked at load; errors name the
+        // key (or its partner when that one is missing).
+        let with_ca = format!("{M}ca_file = \"tls/ca.pem\"\n");
+        let (line, key, msg) = err(&with_ca);
+        assert_eq!((line, key.as_str()), (7, "membership.ca_file"), "{msg}");
+        let Err(e) = parse(&with_ca, Path::new("/etc/sp/p.toml")) else {
+            panic!("no such CA file");
+        };
+        let msg = e.to_string();
+        assert!(msg.contains("cannot read /etc/sp/tls/ca.pem"), "{msg}");
+        let (line, key, msg) = err(&format!("{M}user = \"proxy\"\n"));
+        assert_eq!((line, key.as_str()), (7, "membership.user"), "{msg}");
+        assert!(msg.contains("membership.password_file"), "{msg}");
         let both = format!("{M}\n[[backend]]\nname = \"b1\"\naddr = \"127.0.0.1:9001\"\n");
         let (line, key, msg) = err(&both);
         assert_eq!((line, key.as_str()), (8, "backend"), "{msg}");

@@ -281,8 +281,17 @@ async fn register(args: cli::RegisterArgs) -> ExitCode {
     let Some(mut signals) = Signals::install() else {
         return ExitCode::FAILURE;
     };
+    let security = args.etcd.security();
+    if let Err(e) = security.check() {
+        eprintln!("shardproxy: {e}");
+        return ExitCode::from(2);
+    }
+    if let Some(w) = security.warning() {
+        warn!("{w}");
+    }
     let config = shardproxy::membership::register::RegisterConfig {
         url: args.membership,
+        security,
         name: args.name,
         check: args.check.unwrap_or_else(|| args.addr.clone()),
         addr: args.addr,

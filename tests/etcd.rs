@@ -19,7 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::etcd::{temp_dir, Etcd, EtcdApi};
+use common::etcd::{temp_dir, Etcd, EtcdApi, EtcdOptions};
+use common::pki::Pki;
 use common::process::{output_within, parse_ready, text, Daemon, HANG_GUARD};
 use common::*;
 use nix::sys::signal::Signal;
@@ -59,6 +60,15 @@ impl Proxy {
     }
 
     fn start_with_log(url: &str, cache: Option<&Path>, log: Option<&str>) -> Proxy {
+        Self::start_full(url, cache, log, &[])
+    }
+
+    /// A proxy with more `run` flags (the etcd TLS and login flags).
+    fn start_with_args(url: &str, extra: &[&str]) -> Proxy {
+        Self::start_full(url, None, None, extra)
+    }
+
+    fn start_full(url: &str, cache: Option<&Path>, log: Option<&str>, extra: &[&str]) -> Proxy {
         let mut args = vec![
             "run",
             "--workers",
@@ -74,6 +84,7 @@ impl Proxy {
         if let Some(c) = cache.as_deref() {
             args.extend(["--membership-cache", c]);
         }
+        args.extend(extra);
         let (daemon, ready) = Daemon::start_with_log(&args, log);
         let (listen, admin) = parse_ready(&ready);
         Proxy {
@@ -1009,4 +1020,285 @@ fn the_etcd_cluster_fixture_writes_with_a_member_down_and_rejoins_it() {
     }
     assert_eq!(cluster.get("/t/k").expect("the key").value, "v");
     assert!(cluster.revision() >= rev);
+}
+
+/// Runs `shardproxy run --membership URL EXTRA...`, expecting it to refuse to start (no etcd
+/// it may use, no cache file): exit 1; returns stderr.
+fn refused_start(url: &str, extra: &[&str]) -> String {
+    let out = output_within(
+        common::process::shardproxy()
+            .args(["run", "--listen", "127.0.0.1:0", "--membership", url])
+            .args(extra),
+        HANG_GUARD,
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{extra:?}: {err}");
+    assert!(
+        err.contains("cannot read the membership"),
+        "{extra:?}: {err}"
+    );
+    err
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real etcd (apt-get install etcd-server etcd-client); .ci/run runs it"]
+async fn over_tls_with_client_certificates_only_a_client_with_the_right_files_gets_in() {
+    let _serial = SERIAL.lock().await;
+    let dir = temp_dir("etcd-tls");
+    let pki = Pki::generate(&dir);
+    let etcd = Etcd::start_with(EtcdOptions {
+        tls: Some(pki.clone()),
+        ..EtcdOptions::default()
+    });
+    let b = echo_backends(2).await;
+    let prefix = "/shardproxy/tls";
+    let url = etcd.url(prefix);
+    let rev = etcd.put(&bkey(prefix, "b1"), &bvalue(b[0].local_addr(), 1));
+    let path = |p: &Path| p.to_str().expect("a UTF-8 temp path").to_string();
+    let (ca, cert, key, other_ca) = (
+        path(&pki.ca),
+        path(&pki.client_cert),
+        path(&pki.client_key),
+        path(&pki.other_ca),
+    );
+    let tls = ["--etcd-ca", &ca, "--etcd-cert", &cert, "--etcd-key", &key];
+
+    // The right CA and a client certificate: it reads, watches and routes.
+    let proxy = Proxy::start_with_args(&url, &tls);
+    seen_by_all(std::slice::from_ref(&proxy), rev, CONVERGE).await;
+    assert_eq!(proxy.gauge("shardproxy_membership_connected").await, 1.0);
+    assert_eq!(proxy.answer(b"k").await, "b1");
+
+    // The sidecar over TLS registers b2; the proxy follows the watch.
+    let b2 = b[1].local_addr().to_string();
+    let mut sidecar_args = vec![
+        "register",
+        "--membership",
+        &url,
+        "--name",
+        "b2",
+        "--addr",
+        &b2,
+        "--ttl",
+        "2s",
+    ];
+    sidecar_args.extend(tls);
+    let (mut sidecar, ready) = Daemon::start(&sidecar_args);
+    assert_eq!(ready, format!("registered b2 at {url}"));
+    assert_ne!(etcd.get(&bkey(prefix, "b2")).expect("b2's key").lease, 0);
+    names_on_all(std::slice::from_ref(&proxy), &["b1", "b2"], CONVERGE).await;
+    let r = router(&[("b1", 1), ("b2", 1)]);
+    for k in keys_owned_by(&r, "b2", 4) {
+        assert_eq!(proxy.answer(&k).await, "b2", "key {}", text(&k));
+    }
+    sidecar.signal(Signal::SIGTERM);
+    assert_eq!(sidecar.wait().await.code(), Some(0), "{}", sidecar.stderr());
+    assert_eq!(etcd.get(&bkey(prefix, "b2")), None, "deleted at SIGTERM");
+    names_on_all(std::slice::from_ref(&proxy), &["b1"], CONVERGE).await;
+
+    // Each wrong setting is refused with a reason, not a silent stale table.
+    let err = refused_start(&url, &[]);
+    assert!(
+        err.contains("give --etcd-ca"),
+        "no TLS against a TLS etcd: {err}"
+    );
+    let err = refused_start(
+        &url,
+        &[
+            "--etcd-ca",
+            &other_ca,
+            "--etcd-cert",
+            &cert,
+            "--etcd-key",
+            &key,
+        ],
+    );
+    assert!(
+        err.to_lowercase().contains("certificate"),
+        "a server certificate from another CA is named: {err}"
+    );
+    let err = refused_start(&url, &["--etcd-ca", &ca]);
+    assert!(
+        err.contains("give --etcd-cert and --etcd-key"),
+        "no client certificate: {err}"
+    );
+
+    // Files that cannot work are a start-up error (exit 2) naming the flag and the file.
+    let missing = dir.join("missing.pem");
+    let missing = path(&missing);
+    for (extra, flag) in [
+        (vec!["--etcd-ca", missing.as_str()], "--etcd-ca"),
+        (vec!["--etcd-ca", &ca, "--etcd-cert", &cert], "--etcd-key"),
+        (
+            vec!["--etcd-ca", &ca, "--etcd-cert", &key, "--etcd-key", &key],
+            "--etcd-cert",
+        ),
+        (
+            vec!["--etcd-ca", &ca, "--etcd-cert", &cert, "--etcd-key", &cert],
+            "--etcd-key",
+        ),
+    ] {
+        let out = output_within(
+            common::process::shardproxy()
+                .args(["run", "--listen", "127.0.0.1:0", "--membership", &url])
+                .args(&extra),
+            HANG_GUARD,
+        );
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(err.contains(flag), "{extra:?}: names {flag}: {err}");
+    }
+    drop(proxy);
+    drop(etcd);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real etcd (apt-get install etcd-server etcd-client); .ci/run runs it"]
+async fn with_authentication_a_read_only_proxy_and_a_writing_sidecar_log_in_and_stay_in() {
+    let _serial = SERIAL.lock().await;
+    let dir = temp_dir("etcd-auth");
+    // Tokens expire after 2 s idle: the clients must log in again, not fail.
+    let mut etcd = Etcd::start_with(EtcdOptions {
+        extra_args: vec!["--auth-token-ttl=2".into()],
+        ..EtcdOptions::default()
+    });
+    let prefix = "/shardproxy/auth";
+    let backends_prefix = format!("{prefix}/backends/");
+    etcd.enable_auth(
+        "root-secret",
+        &[
+            ("proxy", "proxy secret", &backends_prefix, "read"),
+            (
+                "registrar",
+                "registrar-secret",
+                &backends_prefix,
+                "readwrite",
+            ),
+        ],
+    );
+    let b = echo_backends(4).await;
+    let url = etcd.url(prefix);
+    let rev = etcd.put(&bkey(prefix, "b1"), &bvalue(b[0].local_addr(), 1));
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write a password file");
+        p.to_str().expect("a UTF-8 temp path").to_string()
+    };
+    // A space inside and a line ending after: the first line, as it is, is the password.
+    let proxy_pw = write("proxy.pw", "proxy secret\n");
+    let registrar_pw = write("registrar.pw", "registrar-secret\n");
+    let wrong_pw = write("wrong.pw", "not it\n");
+
+    let login = ["--etcd-user", "proxy", "--etcd-password-file", &proxy_pw];
+    let proxy = Proxy::start_with_args(&url, &login);
+    seen_by_all(std::slice::from_ref(&proxy), rev, CONVERGE).await;
+    assert_eq!(proxy.answer(b"k").await, "b1");
+
+    // The sidecar writes with its own user.
+    let b2 = b[1].local_addr().to_string();
+    let (sidecar, ready) = Daemon::start(&[
+        "register",
+        "--membership",
+        &url,
+        "--name",
+        "b2",
+        "--addr",
+        &b2,
+        "--ttl",
+        "2s",
+        "--etcd-user",
+        "registrar",
+        "--etcd-password-file",
+        &registrar_pw,
+    ]);
+    assert_eq!(ready, format!("registered b2 at {url}"));
+    names_on_all(std::slice::from_ref(&proxy), &["b1", "b2"], CONVERGE).await;
+
+    // Past the token TTL: the watch still delivers, and the sidecar's lease stays alive.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rev = etcd.put(&bkey(prefix, "b3"), &bvalue(b[2].local_addr(), 1));
+    seen_by_all(std::slice::from_ref(&proxy), rev, CONVERGE).await;
+    names_on_all(std::slice::from_ref(&proxy), &["b1", "b2", "b3"], CONVERGE).await;
+    assert!(etcd.get(&bkey(prefix, "b2")).is_some(), "the lease lived");
+
+    // etcd restarts: both log in again on reconnect; changes keep flowing.
+    etcd.restart();
+    until("the proxy is back on etcd", RECONNECT, || async {
+        proxy.gauge("shardproxy_membership_connected").await == 1.0
+    })
+    .await;
+    let rev = etcd.put(&bkey(prefix, "b4"), &bvalue(b[3].local_addr(), 1));
+    seen_by_all(std::slice::from_ref(&proxy), rev, CONVERGE).await;
+    names_on_all(
+        std::slice::from_ref(&proxy),
+        &["b1", "b2", "b3", "b4"],
+        RECONNECT,
+    )
+    .await;
+    let r = router(&[("b1", 1), ("b2", 1), ("b3", 1), ("b4", 1)]);
+    for k in keys(24) {
+        assert_eq!(
+            proxy.answer(&k).await,
+            r.rank_names(&k)[0],
+            "key {}",
+            text(&k)
+        );
+    }
+    drop(sidecar);
+
+    // A wrong password, and no login at all, are refused at start with the reason.
+    let err = refused_start(
+        &url,
+        &["--etcd-user", "proxy", "--etcd-password-file", &wrong_pw],
+    );
+    assert!(err.contains("refused user \"proxy\""), "{err}");
+    let err = refused_start(&url, &[]);
+    assert!(
+        err.contains("give --etcd-user"),
+        "no login against an etcd with authentication: {err}"
+    );
+    // The read-only user cannot register: the sidecar keeps retrying, says why, writes nothing.
+    let log = dir.join("readonly-sidecar.log");
+    let mut child = common::process::shardproxy()
+        .args([
+            "register",
+            "--membership",
+            &url,
+            "--name",
+            "b9",
+            "--addr",
+            &b2,
+        ])
+        .args(["--etcd-user", "proxy", "--etcd-password-file", &proxy_pw])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("create the sidecar log"))
+        .spawn()
+        .expect("spawn the sidecar");
+    let said = until(
+        "the read-only sidecar reports the refusal",
+        CONVERGE,
+        || {
+            let log = log.clone();
+            async move {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains("permission denied")
+            }
+        },
+    )
+    .await;
+    eprintln!("read-only user's sidecar refused within {said:?}");
+    assert!(
+        child.try_wait().expect("poll the sidecar").is_none(),
+        "it keeps retrying"
+    );
+    assert_eq!(etcd.get(&bkey(prefix, "b9")), None);
+    // Not reaped yet, so the PID is still this child's.
+    child.kill().expect("kill the sidecar");
+    let _ = child.wait();
+    drop(proxy);
+    drop(etcd);
+    let _ = std::fs::remove_dir_all(&dir);
 }

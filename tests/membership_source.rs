@@ -328,7 +328,7 @@ async fn a_compaction_then_a_change_is_applied() {
     etcd.ctl(&["compact", &rev.to_string(), "--physical"]);
     // A watch from before the compaction is told so (the source then reads afresh).
     let url: MembershipUrl = etcd.url().parse().expect("url");
-    let (mut client, _) = EtcdClient::connect(&url, 0, Duration::from_secs(3))
+    let (mut client, _) = EtcdClient::connect(&url, &Default::default(), 0, Duration::from_secs(3))
         .await
         .expect("connect");
     let mut watch = client

@@ -7,14 +7,23 @@
 //! [`Etcd::connect`] starting at the next endpoint (the source and the sidecar do that with
 //! a backoff). A compacted start revision is reported as [`EtcdError::Compacted`], so the
 //! caller reads the prefix afresh instead of missing events.
+//!
+//! [`EtcdSecurity`] adds what a production etcd asks of its clients: TLS (the CA that signed
+//! the members' certificates, and optionally a client certificate for an etcd started with
+//! `--client-cert-auth`) and user/password authentication (etcd's `auth enable`). The files
+//! are read again on every connect, so certificates and passwords rotated on disk are picked
+//! up at the next reconnect without a restart; [`EtcdSecurity::check`] reads them once at start
+//! so a bad file is an exit-2 message naming it.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
 use etcdv3client::grpc::{CredentialInterceptor, TonicClient};
 use etcdv3client::{pb, EtcdClient};
 use futures_util::StreamExt;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 /// How long one request (not a watch) may take before the endpoint counts as failed.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
@@ -58,6 +67,15 @@ pub enum EtcdError {
     /// The watch stream ended (the connection closed).
     #[error("the watch stream ended")]
     WatchEnded,
+    /// A TLS or authentication setting cannot be used (a missing file, no PEM in it, a
+    /// certificate without its key, ...).
+    #[error("{field}: {why}")]
+    Security {
+        /// The flag that is wrong (`--etcd-ca`, `--etcd-password-file`, ...).
+        field: &'static str,
+        /// What is wrong and how to fix it.
+        why: String,
+    },
 }
 
 /// A parsed `etcd://HOST:PORT[,HOST:PORT...]/PREFIX`.
@@ -150,6 +168,166 @@ impl FromStr for MembershipUrl {
     }
 }
 
+/// How a client secures its connections to etcd: TLS and user/password, both optional.
+/// Without a CA the endpoints are spoken to in plain HTTP/2 (`http://`); with one, in TLS
+/// (`https://`), each member's certificate checked against that CA and the endpoint's host
+/// name or IP address.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdSecurity {
+    /// PEM file with the CA certificate(s) that signed the etcd members' server certificates
+    /// (`--etcd-ca`); setting it turns TLS on.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for an etcd started with `--client-cert-auth` (`--etcd-cert`;
+    /// needs `key_file` and `ca_file`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file` (`--etcd-key`).
+    pub key_file: Option<PathBuf>,
+    /// etcd user name, for an etcd with authentication enabled (`--etcd-user`; needs
+    /// `password_file`).
+    pub user: Option<String>,
+    /// File whose first line is the user's password (`--etcd-password-file`); a file, not a
+    /// flag, so the password shows up in no process listing.
+    pub password_file: Option<PathBuf>,
+}
+
+/// What [`EtcdSecurity`] resolves to on one connect: the files read.
+struct Credentials {
+    tls: Option<ClientTlsConfig>,
+    login: Option<(String, String)>,
+}
+
+impl EtcdSecurity {
+    /// Whether connections use TLS.
+    pub fn tls(&self) -> bool {
+        self.ca_file.is_some()
+    }
+
+    /// Checks the settings and reads every file once: the start-up check, so a mistake is a
+    /// message naming the flag and the file before anything runs.
+    pub fn check(&self) -> Result<(), EtcdError> {
+        self.load().map(drop)
+    }
+
+    /// A warning worth logging about these settings (a password sent in clear text; etcd
+    /// allows it).
+    pub fn warning(&self) -> Option<&'static str> {
+        (self.user.is_some() && !self.tls()).then_some(
+            "the etcd password and token travel in clear text: give --etcd-ca to use TLS",
+        )
+    }
+
+    fn load(&self) -> Result<Credentials, EtcdError> {
+        let bad = |field, why: String| EtcdError::Security { field, why };
+        let tls = match (&self.ca_file, &self.cert_file, &self.key_file) {
+            (None, None, None) => None,
+            (None, _, _) => {
+                return Err(bad(
+                    "--etcd-cert",
+                    "a client certificate needs TLS: give --etcd-ca too (the CA of the etcd \
+                     members' certificates)"
+                        .into(),
+                ))
+            }
+            (Some(_), Some(_), None) | (Some(_), None, Some(_)) => {
+                return Err(bad(
+                    "--etcd-key",
+                    "--etcd-cert and --etcd-key go together (the client certificate and its \
+                     private key)"
+                        .into(),
+                ))
+            }
+            (Some(ca), cert, key) => {
+                let ca_pem = read_pem(ca, "--etcd-ca", PemKind::Certificates)?;
+                let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
+                if let (Some(cert), Some(key)) = (cert, key) {
+                    let cert_pem = read_pem(cert, "--etcd-cert", PemKind::Certificates)?;
+                    let key_pem = read_pem(key, "--etcd-key", PemKind::PrivateKey)?;
+                    tls = tls.identity(Identity::from_pem(cert_pem, key_pem));
+                }
+                Some(tls)
+            }
+        };
+        let login = match (&self.user, &self.password_file) {
+            (None, None) => None,
+            (Some(user), Some(file)) => {
+                if user.is_empty() || user.chars().any(char::is_control) {
+                    return Err(bad("--etcd-user", format!("{user:?} is not a user name")));
+                }
+                Some((user.clone(), read_password(file)?))
+            }
+            (Some(_), None) => {
+                return Err(bad(
+                    "--etcd-password-file",
+                    "--etcd-user needs --etcd-password-file (a file whose first line is the \
+                     password)"
+                        .into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(bad(
+                    "--etcd-user",
+                    "--etcd-password-file needs --etcd-user (whose password it holds)".into(),
+                ))
+            }
+        };
+        Ok(Credentials { tls, login })
+    }
+}
+
+/// What a PEM file must hold.
+#[derive(Clone, Copy)]
+enum PemKind {
+    Certificates,
+    PrivateKey,
+}
+
+/// Reads `path` and checks it holds at least one certificate, or a private key.
+fn read_pem(path: &Path, field: &'static str, kind: PemKind) -> Result<Vec<u8>, EtcdError> {
+    let bad = |why: String| EtcdError::Security { field, why };
+    let pem =
+        std::fs::read(path).map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
+    let ok = match kind {
+        PemKind::Certificates => {
+            let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut pem.as_slice()).collect();
+            certs.map(|c| !c.is_empty())
+        }
+        PemKind::PrivateKey => {
+            rustls_pemfile::private_key(&mut pem.as_slice()).map(|k| k.is_some())
+        }
+    };
+    match ok {
+        Ok(true) => Ok(pem),
+        Ok(false) => Err(bad(format!(
+            "{} holds no PEM {}",
+            path.display(),
+            match kind {
+                PemKind::Certificates => "certificate (-----BEGIN CERTIFICATE-----)",
+                PemKind::PrivateKey => "private key (-----BEGIN PRIVATE KEY-----, RSA or EC)",
+            }
+        ))),
+        Err(e) => Err(bad(format!("{}: malformed PEM: {e}", path.display()))),
+    }
+}
+
+/// The password: the file's first line without its line ending (spaces are kept: they may
+/// be part of it).
+fn read_password(path: &Path) -> Result<String, EtcdError> {
+    let bad = |why: String| EtcdError::Security {
+        field: "--etcd-password-file",
+        why,
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
+    let password = text.lines().next().unwrap_or_default();
+    if password.is_empty() {
+        return Err(bad(format!(
+            "{}: the first line (the password) is empty",
+            path.display()
+        )));
+    }
+    Ok(password.to_string())
+}
+
 /// One change seen by a watch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchEvent {
@@ -171,6 +349,7 @@ pub enum WatchEvent {
 pub struct Etcd {
     client: EtcdClient,
     endpoint: String,
+    given: Given,
 }
 
 impl fmt::Debug for Etcd {
@@ -194,12 +373,49 @@ async fn bounded<T>(
 }
 
 fn request_error(op: &'static str, e: &etcdv3client::Error) -> EtcdError {
-    if e.kind() == etcdv3client::ErrKind::Compacted {
-        return EtcdError::Compacted(0);
-    }
-    EtcdError::Request {
-        op,
-        why: e.to_string(),
+    use etcdv3client::ErrKind;
+    let why = match e.kind() {
+        ErrKind::Compacted => return EtcdError::Compacted(0),
+        ErrKind::UserEmpty => "etcd has authentication enabled and no user was given: give \
+                               --etcd-user and --etcd-password-file"
+            .to_string(),
+        ErrKind::PermissionDenied => format!(
+            "permission denied: the user's role needs read (run) or readwrite (register) \
+             permission on every key under PREFIX/backends/ ({e})"
+        ),
+        _ => e.to_string(),
+    };
+    EtcdError::Request { op, why }
+}
+
+/// What a client was given, to explain a failure the server causes (copied out of [`Etcd`]
+/// so a request can borrow the client mutably).
+#[derive(Debug, Clone, Copy)]
+struct Given {
+    tls: bool,
+    client_certificate: bool,
+}
+
+impl Given {
+    /// `e` with a hint when a transport failure has a likely cause in the settings.
+    fn explain(self, e: EtcdError) -> EtcdError {
+        let EtcdError::Request { op, why } = e else {
+            return e;
+        };
+        let hint = if !self.tls && why.contains("transport error") {
+            " (if etcd serves its clients over TLS, give --etcd-ca)"
+        } else if self.tls
+            && !self.client_certificate
+            && (why.contains("BadCertificate") || why.contains("CertificateRequired"))
+        {
+            " (etcd asks for a client certificate: give --etcd-cert and --etcd-key)"
+        } else {
+            ""
+        };
+        EtcdError::Request {
+            op,
+            why: why + hint,
+        }
     }
 }
 
@@ -207,22 +423,31 @@ impl Etcd {
     /// Connects to the first endpoint of `url` that answers, trying them in turn from index
     /// `start` (wrapping); returns the client and the index of the endpoint it is bound to.
     /// Each attempt is bounded by `timeout`.
+    /// The files of `security` are read afresh (rotation is picked up); an unusable one is
+    /// [`EtcdError::Security`], and a refused login ends the attempt at that endpoint.
     pub async fn connect(
         url: &MembershipUrl,
+        security: &EtcdSecurity,
         start: usize,
         timeout: Duration,
     ) -> Result<(Self, usize), EtcdError> {
+        let credentials = security.load()?;
+        let given = Given {
+            tls: security.tls(),
+            client_certificate: security.cert_file.is_some(),
+        };
         let n = url.endpoints.len();
         let mut last = String::from("no endpoint");
         for k in 0..n {
             let i = (start + k) % n;
             let ep = &url.endpoints[i];
-            match Self::connect_one(ep, timeout).await {
+            match Self::connect_one(ep, &credentials, timeout).await {
                 Ok(client) => {
                     return Ok((
                         Etcd {
                             client,
                             endpoint: ep.clone(),
+                            given,
                         },
                         i,
                     ))
@@ -236,9 +461,24 @@ impl Etcd {
         })
     }
 
-    async fn connect_one(ep: &str, timeout: Duration) -> Result<EtcdClient, String> {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{ep}"))
-            .map_err(|e| e.to_string())?
+    async fn connect_one(
+        ep: &str,
+        credentials: &Credentials,
+        timeout: Duration,
+    ) -> Result<EtcdClient, String> {
+        let scheme = if credentials.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{ep}"))
+            .map_err(|e| e.to_string())?;
+        if let Some(tls) = &credentials.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| format!("TLS settings: {}", error_chain(&e)))?;
+        }
+        let endpoint = endpoint
             .connect_timeout(timeout)
             // A dead peer (no RST) is noticed by the keepalive, not by a hung watch.
             .http2_keep_alive_interval(Duration::from_secs(5))
@@ -249,9 +489,52 @@ impl Etcd {
             Ok(Err(e)) => return Err(error_chain(&e)),
             Err(_) => return Err(format!("no answer within {timeout:?}")),
         };
+        let Some((user, password)) = &credentials.login else {
+            return Ok(EtcdClient::with_service(CredentialInterceptor::new(
+                None,
+                None,
+                TonicClient::new(channel),
+            )));
+        };
+        // Log in once here, so a refused password fails the connect with a clear message
+        // instead of every request; the interceptor then adds the token to each request and
+        // logs in again when etcd says the token expired (simple tokens time out when idle).
+        // (The RPC is called on the plain client: the crate's AuthClient future is not Send.)
+        let mut plain = TonicClient::new(channel.clone());
+        let login = plain.unary::<pb::AuthenticateRequest, pb::AuthenticateResponse>(
+            tonic::Request::new(pb::AuthenticateRequest {
+                name: user.clone(),
+                password: password.clone(),
+            }),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/etcdserverpb.Auth/Authenticate"),
+        );
+        let token = match tokio::time::timeout(timeout, login).await {
+            Ok(Ok(resp)) => Some(
+                tonic::metadata::AsciiMetadataValue::try_from(resp.into_inner().token)
+                    .map_err(|e| format!("etcd returned an unusable token: {e}"))?,
+            ),
+            Ok(Err(e)) if e.is_auth_not_enabled() => {
+                tracing::warn!(
+                    endpoint = ep,
+                    "etcd has authentication disabled: --etcd-user is not needed"
+                );
+                None
+            }
+            Ok(Err(e)) if e.kind() == etcdv3client::ErrKind::AuthFailed => {
+                return Err(format!(
+                    "etcd refused user {user:?}: wrong user name or password ({e})"
+                ))
+            }
+            Ok(Err(e)) => return Err(format!("logging in as {user:?}: {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "logging in as {user:?}: no answer within {timeout:?}"
+                ))
+            }
+        };
         Ok(EtcdClient::with_service(CredentialInterceptor::new(
-            None,
-            None,
+            Some((user.clone(), password.clone())),
+            token,
             TonicClient::new(channel),
         )))
     }
@@ -267,7 +550,9 @@ impl Etcd {
         prefix: &str,
     ) -> Result<(Vec<(String, Vec<u8>)>, i64), EtcdError> {
         let request = pb::RangeRequest::new(prefix).with_prefix();
-        let resp = bounded("range", self.client.kv.range(request)).await?;
+        let resp = bounded("range", self.client.kv.range(request))
+            .await
+            .map_err(|e| self.given.explain(e))?;
         let revision = resp.header.map_or(0, |h| h.revision);
         let kvs = resp
             .kvs
@@ -295,25 +580,33 @@ impl Etcd {
             "hasleader",
             tonic::metadata::MetadataValue::from_static("true"),
         );
-        let inbound = bounded("watch", self.client.watch.watch(request)).await?;
+        let inbound = bounded("watch", self.client.watch.watch(request))
+            .await
+            .map_err(|e| self.given.explain(e))?;
         Ok(Watch { inbound })
     }
 
     /// Grants a lease of `ttl` seconds; returns its id.
     pub async fn grant(&mut self, ttl: i64) -> Result<i64, EtcdError> {
-        let resp = bounded("lease grant", self.client.lease.grant(ttl)).await?;
+        let resp = bounded("lease grant", self.client.lease.grant(ttl))
+            .await
+            .map_err(|e| self.given.explain(e))?;
         Ok(resp.id)
     }
 
     /// Opens a keep-alive stream for lease `id`.
     pub async fn keep_alive(&mut self, id: i64) -> Result<KeepAlive, EtcdError> {
-        let inner = bounded("lease keep-alive", self.client.lease.keep_alive(id)).await?;
+        let inner = bounded("lease keep-alive", self.client.lease.keep_alive(id))
+            .await
+            .map_err(|e| self.given.explain(e))?;
         Ok(KeepAlive { inner })
     }
 
     /// Revokes lease `id` (its keys go with it).
     pub async fn revoke(&mut self, id: i64) -> Result<(), EtcdError> {
-        bounded("lease revoke", self.client.lease.revoke(id)).await
+        bounded("lease revoke", self.client.lease.revoke(id))
+            .await
+            .map_err(|e| self.given.explain(e))
     }
 
     /// Sets `key` to `value`, attached to `lease` (0: no lease).
@@ -324,7 +617,10 @@ impl Etcd {
             lease,
             ..Default::default()
         };
-        bounded("put", self.client.kv.put(request)).await.map(drop)
+        bounded("put", self.client.kv.put(request))
+            .await
+            .map_err(|e| self.given.explain(e))
+            .map(drop)
     }
 
     /// Deletes `key`.
@@ -455,5 +751,173 @@ mod tests {
             assert!(e.contains(why), "{url}: {e}");
             assert!(e.contains("expected etcd://HOST:PORT"), "{url}: {e}");
         }
+    }
+
+    #[test]
+    fn security_settings_are_checked_and_errors_name_the_flag() {
+        let dir =
+            std::env::temp_dir().join(format!("shardproxy-etcd-security-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            Some(p)
+        };
+        // PEM framing is what is checked here; the TLS tests against etcd use real ones.
+        let cert = write(
+            "c.pem",
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        );
+        let key = write(
+            "k.pem",
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        );
+        let not_pem = write("n.pem", "hello\n");
+        let pw = write("pw", "s3cret with a space\nsecond line\n");
+        let blank = write("blank", "\n");
+        let missing = Some(dir.join("missing.pem"));
+        let s = |ca: &Option<PathBuf>,
+                 c: &Option<PathBuf>,
+                 k: &Option<PathBuf>,
+                 u: Option<&str>,
+                 p: &Option<PathBuf>| {
+            EtcdSecurity {
+                ca_file: ca.clone(),
+                cert_file: c.clone(),
+                key_file: k.clone(),
+                user: u.map(str::to_string),
+                password_file: p.clone(),
+            }
+        };
+        let none = None;
+        for ok in [
+            EtcdSecurity::default(),
+            s(&cert, &none, &none, None, &none),
+            s(&cert, &cert, &key, None, &none),
+            s(&cert, &cert, &key, Some("proxy"), &pw),
+            s(&none, &none, &none, Some("proxy"), &pw),
+        ] {
+            ok.check().unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+        assert!(
+            s(&none, &none, &none, Some("u"), &pw).warning().is_some(),
+            "password in clear text"
+        );
+        assert!(s(&cert, &none, &none, Some("u"), &pw).warning().is_none());
+        let login = s(&none, &none, &none, Some("proxy"), &pw)
+            .load()
+            .unwrap()
+            .login;
+        assert_eq!(login, Some(("proxy".into(), "s3cret with a space".into())));
+        for (bad, field, says) in [
+            (
+                s(&missing, &none, &none, None, &none),
+                "--etcd-ca",
+                "cannot read",
+            ),
+            (
+                s(&not_pem, &none, &none, None, &none),
+                "--etcd-ca",
+                "holds no PEM certificate",
+            ),
+            (
+                s(&none, &cert, &key, None, &none),
+                "--etcd-cert",
+                "give --etcd-ca",
+            ),
+            (
+                s(&cert, &cert, &none, None, &none),
+                "--etcd-key",
+                "go together",
+            ),
+            (
+                s(&cert, &none, &key, None, &none),
+                "--etcd-key",
+                "go together",
+            ),
+            (
+                s(&cert, &key, &key, None, &none),
+                "--etcd-cert",
+                "holds no PEM certificate",
+            ),
+            (
+                s(&cert, &cert, &cert, None, &none),
+                "--etcd-key",
+                "holds no PEM private key",
+            ),
+            (
+                s(&none, &none, &none, Some("u"), &none),
+                "--etcd-password-file",
+                "needs --etcd-password-file",
+            ),
+            (
+                s(&none, &none, &none, None, &pw),
+                "--etcd-user",
+                "needs --etcd-user",
+            ),
+            (
+                s(&none, &none, &none, Some(""), &pw),
+                "--etcd-user",
+                "not a user name",
+            ),
+            (
+                s(&none, &none, &none, Some("u"), &blank),
+                "--etcd-password-file",
+                "is empty",
+            ),
+            (
+                s(&none, &none, &none, Some("u"), &missing),
+                "--etcd-password-file",
+                "cannot read",
+            ),
+        ] {
+            match bad.check() {
+                Err(EtcdError::Security { field: f, why }) => {
+                    assert_eq!(f, field, "{bad:?}: {why}");
+                    assert!(why.contains(says), "{bad:?}: {why}");
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn failures_the_settings_explain_get_a_hint() {
+        let transport = || EtcdError::Request {
+            op: "range",
+            why: "[Grpc] transport error: broken pipe".into(),
+        };
+        let bad_cert = || EtcdError::Request {
+            op: "range",
+            why: "transport error: received fatal alert: BadCertificate".into(),
+        };
+        let plain = Given {
+            tls: false,
+            client_certificate: false,
+        };
+        let tls = Given {
+            tls: true,
+            client_certificate: false,
+        };
+        let mutual = Given {
+            tls: true,
+            client_certificate: true,
+        };
+        assert!(plain
+            .explain(transport())
+            .to_string()
+            .ends_with("give --etcd-ca)"));
+        assert!(tls
+            .explain(bad_cert())
+            .to_string()
+            .contains("give --etcd-cert and --etcd-key"));
+        for (given, e) in [(tls, transport()), (mutual, bad_cert())] {
+            assert!(!given.explain(e).to_string().contains("give"));
+        }
+        assert!(matches!(
+            plain.explain(EtcdError::WatchEnded),
+            EtcdError::WatchEnded
+        ));
     }
 }

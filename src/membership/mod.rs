@@ -15,5 +15,5 @@ pub mod etcd;
 pub mod register;
 pub mod source;
 
-pub use etcd::{EtcdError, MembershipUrl};
+pub use etcd::{EtcdError, EtcdSecurity, MembershipUrl};
 pub use source::MembershipStatus;

@@ -18,7 +18,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::etcd::{Etcd, EtcdError, KeepAlive, MembershipUrl, REQUEST_TIMEOUT};
+use super::etcd::{Etcd, EtcdError, EtcdSecurity, KeepAlive, MembershipUrl, REQUEST_TIMEOUT};
 use super::source::{jittered, INITIAL_BACKOFF, MAX_BACKOFF};
 
 /// Consecutive failed checks that delete the key.
@@ -31,6 +31,8 @@ pub const RISE: u32 = 2;
 pub struct RegisterConfig {
     /// The prefix (and endpoints).
     pub url: MembershipUrl,
+    /// TLS and authentication towards etcd.
+    pub security: EtcdSecurity,
     /// The backend's name.
     pub name: String,
     /// Where proxies connect to it (`HOST:PORT`, as written into the value).
@@ -99,8 +101,9 @@ struct Session {
 }
 
 impl Session {
-    async fn open(url: &MembershipUrl, start: usize, ttl: i64) -> Result<Session, EtcdError> {
-        let (mut etcd, endpoint) = Etcd::connect(url, start, REQUEST_TIMEOUT).await?;
+    async fn open(config: &RegisterConfig, start: usize, ttl: i64) -> Result<Session, EtcdError> {
+        let (mut etcd, endpoint) =
+            Etcd::connect(&config.url, &config.security, start, REQUEST_TIMEOUT).await?;
         let lease = etcd.grant(ttl).await?;
         let keep_alive = etcd.keep_alive(lease).await?;
         info!(
@@ -180,7 +183,7 @@ pub async fn run(config: RegisterConfig, stop: CancellationToken) {
             if Instant::now() < retry_at {
                 continue;
             }
-            match Session::open(&config.url, next_endpoint, ttl).await {
+            match Session::open(&config, next_endpoint, ttl).await {
                 Ok(s) => session = Some(s),
                 Err(e) => {
                     warn!(error = %e, "etcd unreachable: retrying");
@@ -257,6 +260,7 @@ mod tests {
     fn the_value_is_the_admin_put_body() {
         let c = RegisterConfig {
             url: "etcd://127.0.0.1:2379/p".parse().unwrap(),
+            security: EtcdSecurity::default(),
             name: "b1".into(),
             addr: "127.0.0.1:9001".into(),
             weight: 3,

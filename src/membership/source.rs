@@ -266,10 +266,13 @@ pub(crate) async fn boot(config: &ProxyConfig) -> Result<Boot, String> {
     let Some(m) = &config.membership else {
         return Err("no --membership given".into());
     };
+    if let Some(w) = m.security.warning() {
+        warn!("{w}");
+    }
     let mut state = State::new(m.url.clone(), Arc::new(config.clone()));
     let per_endpoint = START_TIMEOUT / u32::try_from(m.url.endpoints.len().max(1)).unwrap_or(1);
     let read = tokio::time::timeout(START_TIMEOUT, async {
-        let (mut etcd, i) = Etcd::connect(&m.url, 0, per_endpoint).await?;
+        let (mut etcd, i) = Etcd::connect(&m.url, &m.security, 0, per_endpoint).await?;
         let (kvs, revision) = etcd.get_prefix(&m.url.backends_prefix()).await?;
         Ok::<_, EtcdError>((etcd, i, kvs, revision))
     })
@@ -311,13 +314,13 @@ pub(crate) async fn boot(config: &ProxyConfig) -> Result<Boot, String> {
                     })
                 }
                 Err(why) => Err(format!(
-                    "cannot read the membership: etcd at {} is unreachable ({e}) and the cache file {} cannot be used ({why})",
+                    "cannot read the membership: etcd at {} cannot be used ({e}) and the cache file {} cannot be used ({why})",
                     m.url,
                     path.display()
                 )),
             },
             None => Err(format!(
-                "cannot read the membership: etcd at {} is unreachable ({e}) and no cache file was given (--membership-cache, [membership] cache_file)",
+                "cannot read the membership: etcd at {} cannot be used ({e}) and no cache file was given (--membership-cache, [membership] cache_file)",
                 m.url
             )),
         },
@@ -470,8 +473,11 @@ async fn run(control: Arc<Control>, boot: Boot, stop: CancellationToken) {
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 status.metrics.reconnects.increment(1);
-                let Some(connected) =
-                    unless_stopped(&stop, Etcd::connect(&m.url, next, REQUEST_TIMEOUT)).await
+                let Some(connected) = unless_stopped(
+                    &stop,
+                    Etcd::connect(&m.url, &m.security, next, REQUEST_TIMEOUT),
+                )
+                .await
                 else {
                     return;
                 };

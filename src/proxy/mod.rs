@@ -90,6 +90,8 @@ pub async fn start_with(mut config: ProxyConfig, workers: Workers) -> Result<Pro
     // With `--membership`, the backends are etcd's (or the cache file's).
     let membership = match &config.membership {
         Some(_) => {
+            // Settings first (a bad TLS file is a configuration error, not an outage).
+            config.validate()?;
             let boot = crate::membership::source::boot(&config)
                 .await
                 .map_err(|why| Error::Io {

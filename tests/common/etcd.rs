@@ -6,12 +6,19 @@
 //!
 //! Every wait is bounded: etcdctl runs with short dial/command timeouts and under a hang guard,
 //! and a member that does not answer within [`START_GUARD`] fails the test with its log.
+//!
+//! A single member can also serve its clients over TLS with client-certificate checks
+//! ([`EtcdOptions::tls`], certificates from [`super::pki`]) and have authentication enabled
+//! ([`Etcd::enable_auth`]); the fixture's own etcdctl calls then use the client certificate
+//! and log in as `root`.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use super::pki::Pki;
 
 /// The etcd server binary (Debian `etcd-server`).
 pub const ETCD: &str = "/usr/bin/etcd";
@@ -75,22 +82,28 @@ fn output_within(cmd: &mut Command, guard: Duration) -> Output {
 
 /// `etcdctl` (API v3) against `endpoints` (comma-separated `HOST:PORT`), with short timeouts.
 pub fn etcdctl(endpoints: &str, args: &[&str]) -> Output {
+    etcdctl_with(endpoints, &[], args)
+}
+
+/// [`etcdctl`] with extra global flags (TLS files, `--user`).
+fn etcdctl_with(endpoints: &str, flags: &[String], args: &[&str]) -> Output {
     output_within(
         Command::new(ETCDCTL)
             .env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={endpoints}"))
             .args(["--dial-timeout=1s", "--command-timeout=3s"])
+            .args(flags)
             .args(args),
         CTL_GUARD,
     )
 }
 
-/// Like [`etcdctl`], retried (bounded) until it succeeds: a cluster that just lost or regained
-/// a member may refuse a request or two while it elects a leader. Returns stdout.
-fn etcdctl_ok(endpoints: &str, args: &[&str]) -> String {
+/// Like [`etcdctl_with`], retried (bounded) until it succeeds: a cluster that just lost or
+/// regained a member may refuse a request or two while it elects a leader. Returns stdout.
+fn etcdctl_ok(endpoints: &str, flags: &[String], args: &[&str]) -> String {
     let deadline = Instant::now() + START_GUARD;
     loop {
-        let out = etcdctl(endpoints, args);
+        let out = etcdctl_with(endpoints, flags, args);
         if out.status.success() {
             return String::from_utf8_lossy(&out.stdout).into_owned();
         }
@@ -126,6 +139,12 @@ pub trait EtcdApi {
     /// The client endpoints, `HOST:PORT[,HOST:PORT...]`.
     fn endpoints(&self) -> String;
 
+    /// Runs etcdctl (retried until it succeeds, bounded) with whatever flags this etcd needs;
+    /// returns stdout.
+    fn ctl_ok(&self, args: &[&str]) -> String {
+        etcdctl_ok(&self.endpoints(), &[], args)
+    }
+
     /// `etcd://ENDPOINTS/PREFIX` (PREFIX starts with `/`, no trailing slash).
     fn url(&self, prefix: &str) -> String {
         assert!(prefix.starts_with('/') && !prefix.ends_with('/'));
@@ -134,23 +153,17 @@ pub trait EtcdApi {
 
     /// Puts `key` = `value`; returns the revision of the write.
     fn put(&self, key: &str, value: &str) -> i64 {
-        header_revision(&etcdctl_ok(
-            &self.endpoints(),
-            &["put", "-w", "json", "--", key, value],
-        ))
+        header_revision(&self.ctl_ok(&["put", "-w", "json", "--", key, value]))
     }
 
     /// Deletes `key`; returns the revision after the delete.
     fn delete(&self, key: &str) -> i64 {
-        header_revision(&etcdctl_ok(
-            &self.endpoints(),
-            &["del", "-w", "json", "--", key],
-        ))
+        header_revision(&self.ctl_ok(&["del", "-w", "json", "--", key]))
     }
 
     /// `key`'s value and lease, or `None` if it is absent.
     fn get(&self, key: &str) -> Option<Entry> {
-        let out = etcdctl_ok(&self.endpoints(), &["get", "-w", "json", "--", key]);
+        let out = self.ctl_ok(&["get", "-w", "json", "--", key]);
         let v: serde_json::Value = serde_json::from_str(out.trim()).expect("etcdctl get JSON");
         let kv = v["kvs"].as_array()?.first()?.clone();
         let value = kv["value"].as_str().unwrap_or_default();
@@ -163,25 +176,19 @@ pub trait EtcdApi {
 
     /// The current revision of the store.
     fn revision(&self) -> i64 {
-        header_revision(&etcdctl_ok(
-            &self.endpoints(),
-            &["get", "-w", "json", "--", "/shardproxy-tests/none"],
-        ))
+        header_revision(&self.ctl_ok(&["get", "-w", "json", "--", "/shardproxy-tests/none"]))
     }
 
     /// Compacts the history up to the current revision; returns that revision.
     fn compact(&self) -> i64 {
         let rev = self.revision();
-        etcdctl_ok(
-            &self.endpoints(),
-            &["compact", "--physical", &rev.to_string()],
-        );
+        self.ctl_ok(&["compact", "--physical", &rev.to_string()]);
         rev
     }
 
     /// The IDs of the leases etcd holds (decimal).
     fn leases(&self) -> Vec<i64> {
-        let out = etcdctl_ok(&self.endpoints(), &["lease", "list", "-w", "json"]);
+        let out = self.ctl_ok(&["lease", "list", "-w", "json"]);
         let v: serde_json::Value = serde_json::from_str(out.trim()).expect("lease list JSON");
         v["leases"]
             .as_array()
@@ -210,8 +217,21 @@ fn base64_decode(s: &str) -> Vec<u8> {
     out
 }
 
+/// How a single member serves its clients.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdOptions {
+    /// Serve clients over TLS with these certificates and require a client certificate
+    /// signed by the same CA (`--client-cert-auth`).
+    pub tls: Option<Pki>,
+    /// More `etcd` flags (e.g. `--auth-token-ttl=2`).
+    pub extra_args: Vec<String>,
+}
+
 /// One etcd member: its process (if running), its ports and its data directory.
 pub struct Etcd {
+    options: EtcdOptions,
+    /// `root:PASSWORD` once [`Etcd::enable_auth`] has run.
+    ctl_user: Option<String>,
     name: String,
     /// The client address (`--listen-client-urls`).
     pub client: SocketAddr,
@@ -226,10 +246,16 @@ pub struct Etcd {
 impl Etcd {
     /// A single-member etcd on free loopback ports, answering when this returns.
     pub fn start() -> Etcd {
+        Self::start_with(EtcdOptions::default())
+    }
+
+    /// [`Etcd::start`] with `options` (TLS, more flags).
+    pub fn start_with(options: EtcdOptions) -> Etcd {
         for attempt in 0.. {
             let ports = free_ports(2);
             let dir = temp_dir("etcd");
             let mut etcd = Etcd::new("m0", ports[0], ports[1], None, dir, true);
+            etcd.options = options.clone();
             etcd.spawn();
             match etcd.wait_healthy() {
                 Ok(()) => return etcd,
@@ -252,6 +278,8 @@ impl Etcd {
         let initial_cluster =
             initial_cluster.unwrap_or_else(|| format!("{name}=http://127.0.0.1:{peer}"));
         Etcd {
+            options: EtcdOptions::default(),
+            ctl_user: None,
             name: name.to_string(),
             client: ([127, 0, 0, 1], client).into(),
             peer: ([127, 0, 0, 1], peer).into(),
@@ -289,8 +317,17 @@ impl Etcd {
             .open(self.log_path())
             .expect("open the etcd log");
         let err = log.try_clone().expect("clone the log fd");
-        let client = format!("http://{}", self.client);
+        let client = format!("{}://{}", self.scheme(), self.client);
         let peer = format!("http://{}", self.peer);
+        let mut tls_args = Vec::new();
+        if let Some(pki) = &self.options.tls {
+            tls_args = vec![
+                format!("--cert-file={}", pki.server_cert.display()),
+                format!("--key-file={}", pki.server_key.display()),
+                format!("--trusted-ca-file={}", pki.ca.display()),
+                "--client-cert-auth".to_string(),
+            ];
+        }
         let child = Command::new(ETCD)
             .arg(format!("--name={}", self.name))
             .arg(format!("--data-dir={}", self.data_dir().display()))
@@ -302,6 +339,8 @@ impl Etcd {
             .arg("--initial-cluster-state=new")
             .arg("--initial-cluster-token=shardproxy-tests")
             .args(["--logger=zap", "--log-outputs=stderr", "--log-level=warn"])
+            .args(&tls_args)
+            .args(&self.options.extra_args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
@@ -321,7 +360,11 @@ impl Etcd {
                     return Err(format!("etcd exited ({status}):\n{}", self.log()));
                 }
             }
-            let out = etcdctl(&self.client.to_string(), &["endpoint", "health"]);
+            let out = etcdctl_with(
+                &self.ctl_endpoint(),
+                &self.ctl_flags(),
+                &["endpoint", "health"],
+            );
             if out.status.success() {
                 return Ok(());
             }
@@ -381,9 +424,66 @@ impl Etcd {
     }
 }
 
+impl Etcd {
+    fn scheme(&self) -> &'static str {
+        if self.options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The endpoint as etcdctl is given it (with its scheme).
+    fn ctl_endpoint(&self) -> String {
+        format!("{}://{}", self.scheme(), self.client)
+    }
+
+    /// etcdctl's TLS files and login.
+    fn ctl_flags(&self) -> Vec<String> {
+        let mut flags = Vec::new();
+        if let Some(pki) = &self.options.tls {
+            flags.push(format!("--cacert={}", pki.ca.display()));
+            flags.push(format!("--cert={}", pki.client_cert.display()));
+            flags.push(format!("--key={}", pki.client_key.display()));
+        }
+        if let Some(user) = &self.ctl_user {
+            flags.push(format!("--user={user}"));
+        }
+        flags
+    }
+
+    /// Turns authentication on: creates `root` with `root_password` and, for each
+    /// `(user, password, prefix, permission)` (`read` or `readwrite`), a role with that
+    /// permission on every key under `prefix` granted to that user; then `auth enable`.
+    /// The fixture's later etcdctl calls log in as root.
+    pub fn enable_auth(&mut self, root_password: &str, users: &[(&str, &str, &str, &str)]) {
+        self.ctl_ok(&["user", "add", &format!("root:{root_password}")]);
+        for (user, password, prefix, permission) in users {
+            let role = format!("{user}-role");
+            self.ctl_ok(&["role", "add", &role]);
+            self.ctl_ok(&[
+                "role",
+                "grant-permission",
+                "--prefix=true",
+                &role,
+                permission,
+                prefix,
+            ]);
+            self.ctl_ok(&["user", "add", &format!("{user}:{password}")]);
+            self.ctl_ok(&["user", "grant-role", user, &role]);
+        }
+        self.ctl_ok(&["auth", "enable"]);
+        self.ctl_user = Some(format!("root:{root_password}"));
+    }
+}
+
 impl EtcdApi for Etcd {
     fn endpoints(&self) -> String {
         self.client.to_string()
+    }
+
+    fn ctl_ok(&self, args: &[&str]) -> String {
+        etcdctl_ok(&self.ctl_endpoint(), &self.ctl_flags(), args)
     }
 }
 
@@ -481,6 +581,7 @@ impl EtcdApi for EtcdCluster {
     fn put(&self, key: &str, value: &str) -> i64 {
         header_revision(&etcdctl_ok(
             &self.live_endpoints(),
+            &[],
             &["put", "-w", "json", "--", key, value],
         ))
     }
@@ -488,6 +589,7 @@ impl EtcdApi for EtcdCluster {
     fn delete(&self, key: &str) -> i64 {
         header_revision(&etcdctl_ok(
             &self.live_endpoints(),
+            &[],
             &["del", "-w", "json", "--", key],
         ))
     }
