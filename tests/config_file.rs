@@ -192,6 +192,31 @@ fn full_example_sets_every_key() {
 }
 
 #[test]
+fn the_etcd_example_loads_its_membership() {
+    let f = load("etcd.toml");
+    let m = f.proxy.membership.as_ref().expect("[membership]");
+    assert_eq!(m.url.endpoints.len(), 3);
+    assert_eq!(m.url.prefix, "/shardproxy/pool-a");
+    assert_eq!(m.debounce, Duration::from_millis(100));
+    assert!(m.cache_file.is_some());
+    assert!(f.proxy.backends.is_empty());
+    // The TLS and login keys are commented out (their files do not exist here); uncommented,
+    // they must be known keys: the load fails on the missing files, not on the key names.
+    let text = std::fs::read_to_string(example("etcd.toml")).expect("read etcd.toml");
+    let uncommented = text.replace("\n#ca_file", "\nca_file");
+    assert_ne!(uncommented, text, "the example shows ca_file");
+    let tmp = TempFile::new(&uncommented);
+    let Err(e) = config_file::load(&tmp.0) else {
+        panic!("the CA file does not exist here");
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains("membership.ca_file") && e.contains("etcd-ca.pem"),
+        "{e}"
+    );
+}
+
+#[test]
 fn health_and_limits_examples_load_their_values() {
     let s = Duration::from_secs;
     let f = load("health.toml");
