@@ -489,40 +489,28 @@ fn run_one(
     };
     let proxy = match target.kind {
         Kind::Direct => None,
-        Kind::Shardproxy => {
-            match Proxy::shardproxy(
-                &shardproxy.0,
-                &shardproxy.1,
-                backends,
-                None,
-                target.threads,
-                &scratch.join("shardproxy.log"),
-            ) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    run.result = Err(format!("starting shardproxy: {e}"));
+        Kind::Shardproxy | Kind::ShardproxyChurn => {
+            let churn = target.kind == Kind::ShardproxyChurn;
+            // The churn target follows the harness's etcd instead of --backend flags.
+            let membership = match (churn, etcd) {
+                (false, _) => None,
+                (true, Some(etcd)) => Some((etcd.url(), scratch.join("membership-cache.json"))),
+                (true, None) => {
+                    run.result = Err("shardproxy-churn without etcd".into());
                     return run;
                 }
-            }
-        }
-        Kind::ShardproxyChurn => {
-            let Some(etcd) = etcd else {
-                run.result = Err("shardproxy-churn without etcd".into());
-                return run;
             };
-            let url = etcd.url();
-            let cache = scratch.join("membership-cache.json");
             match Proxy::shardproxy(
                 &shardproxy.0,
                 &shardproxy.1,
                 backends,
-                Some((&url, &cache)),
+                membership.as_ref().map(|(u, c)| (u.as_str(), c.as_path())),
                 target.threads,
-                &scratch.join("shardproxy-churn.log"),
+                &scratch.join(format!("{}.log", target.kind.name())),
             ) {
                 Ok(p) => Some(p),
                 Err(e) => {
-                    run.result = Err(format!("starting shardproxy (membership from etcd): {e}"));
+                    run.result = Err(format!("starting {}: {e}", target.kind.name()));
                     return run;
                 }
             }

@@ -1022,6 +1022,28 @@ fn the_etcd_cluster_fixture_writes_with_a_member_down_and_rejoins_it() {
     assert!(cluster.revision() >= rev);
 }
 
+/// `register --membership URL --name NAME --addr ADDR --ttl 2s EXTRA...`.
+fn register_args<'a>(
+    url: &'a str,
+    name: &'a str,
+    addr: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "register",
+        "--membership",
+        url,
+        "--name",
+        name,
+        "--addr",
+        addr,
+        "--ttl",
+        "2s",
+    ];
+    args.extend(extra);
+    args
+}
+
 /// Runs `shardproxy run --membership URL EXTRA...`, expecting it to refuse to start (no etcd
 /// it may use, no cache file): exit 1; returns stderr.
 fn refused_start(url: &str, extra: &[&str]) -> String {
@@ -1071,19 +1093,7 @@ async fn over_tls_with_client_certificates_only_a_client_with_the_right_files_ge
 
     // The sidecar over TLS registers b2; the proxy follows the watch.
     let b2 = b[1].local_addr().to_string();
-    let mut sidecar_args = vec![
-        "register",
-        "--membership",
-        &url,
-        "--name",
-        "b2",
-        "--addr",
-        &b2,
-        "--ttl",
-        "2s",
-    ];
-    sidecar_args.extend(tls);
-    let (mut sidecar, ready) = Daemon::start(&sidecar_args);
+    let (mut sidecar, ready) = Daemon::start(&register_args(&url, "b2", &b2, &tls));
     assert_eq!(ready, format!("registered b2 at {url}"));
     assert_ne!(etcd.get(&bkey(prefix, "b2")).expect("b2's key").lease, 0);
     names_on_all(std::slice::from_ref(&proxy), &["b1", "b2"], CONVERGE).await;
@@ -1190,28 +1200,20 @@ async fn with_authentication_a_read_only_proxy_and_a_writing_sidecar_log_in_and_
     let registrar_pw = write("registrar.pw", "registrar-secret\n");
     let wrong_pw = write("wrong.pw", "not it\n");
 
-    let login = ["--etcd-user", "proxy", "--etcd-password-file", &proxy_pw];
-    let proxy = Proxy::start_with_args(&url, &login);
+    let proxy_login = ["--etcd-user", "proxy", "--etcd-password-file", &proxy_pw];
+    let proxy = Proxy::start_with_args(&url, &proxy_login);
     seen_by_all(std::slice::from_ref(&proxy), rev, CONVERGE).await;
     assert_eq!(proxy.answer(b"k").await, "b1");
 
     // The sidecar writes with its own user.
     let b2 = b[1].local_addr().to_string();
-    let (sidecar, ready) = Daemon::start(&[
-        "register",
-        "--membership",
-        &url,
-        "--name",
-        "b2",
-        "--addr",
-        &b2,
-        "--ttl",
-        "2s",
+    let registrar_login = [
         "--etcd-user",
         "registrar",
         "--etcd-password-file",
         &registrar_pw,
-    ]);
+    ];
+    let (sidecar, ready) = Daemon::start(&register_args(&url, "b2", &b2, &registrar_login));
     assert_eq!(ready, format!("registered b2 at {url}"));
     names_on_all(std::slice::from_ref(&proxy), &["b1", "b2"], CONVERGE).await;
 
