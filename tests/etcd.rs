@@ -1088,7 +1088,10 @@ async fn over_tls_with_client_certificates_only_a_client_with_the_right_files_ge
     // The right CA and a client certificate: it reads, watches and routes.
     let proxy = Proxy::start_with_args(&url, &tls);
     seen_by_all(std::slice::from_ref(&proxy), rev, CONVERGE).await;
-    assert_eq!(proxy.gauge("shardproxy_membership_connected").await, 1.0);
+    until("the proxy watches over TLS", CONVERGE, || async {
+        proxy.gauge("shardproxy_membership_connected").await == 1.0
+    })
+    .await;
     assert_eq!(proxy.answer(b"k").await, "b1");
 
     // The sidecar over TLS registers b2; the proxy follows the watch.
