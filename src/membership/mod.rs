@@ -5,6 +5,7 @@
 //!   `etcd://HOST:PORT[,HOST:PORT...]/PREFIX` URL.
 //! - [`source`]: the proxy's membership task (start-up read or cache, watch, debounce,
 //!   reconnect and resync, cache file, metrics) feeding the control plane.
+//! - [`security`]: TLS, client certificates and user/password login towards etcd.
 //! - [`register`]: the `shardproxy register` sidecar that keeps one backend's key on a
 //!   lease while a local TCP check passes.
 //!
@@ -13,7 +14,9 @@
 
 pub mod etcd;
 pub mod register;
+pub mod security;
 pub mod source;
 
-pub use etcd::{EtcdError, EtcdSecurity, MembershipUrl};
+pub use etcd::{EtcdError, MembershipUrl};
+pub use security::EtcdSecurity;
 pub use source::MembershipStatus;

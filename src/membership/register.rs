@@ -18,7 +18,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::etcd::{Etcd, EtcdError, EtcdSecurity, KeepAlive, MembershipUrl, REQUEST_TIMEOUT};
+use super::etcd::{Etcd, EtcdError, KeepAlive, MembershipUrl, REQUEST_TIMEOUT};
+use super::security::EtcdSecurity;
 use super::source::{jittered, INITIAL_BACKOFF, MAX_BACKOFF};
 
 /// Consecutive failed checks that delete the key.
