@@ -458,7 +458,7 @@ async fn a_killed_backend_is_routed_around_marked_down_and_taken_back() {
         .await
     });
     wait_count(&done, LOOP / 3).await;
-    backends.remove(1).stop().await;
+    let held = stop_and_hold(backends.remove(1)).await;
     let stopped = Instant::now();
     let at_stop = done.load(Ordering::SeqCst);
     // Watched from the stop on, while the loop runs.
@@ -518,6 +518,7 @@ async fn a_killed_backend_is_routed_around_marked_down_and_taken_back() {
         assert_eq!(served_by(addr, &k).await, r.rank_names(&k)[1]);
     }
 
+    drop(held);
     let _b2 = EchoBackend::start(b2_addr, "b2")
         .await
         .expect("restart b2 on its address");
@@ -556,7 +557,7 @@ async fn passive_ejection_skips_the_backend_until_a_probe_succeeds() {
     let addr = proxy.local_addr();
     let r = router(&["b1", "b2", "b3"]);
     let b2_addr = backends[1].local_addr();
-    backends.remove(1).stop().await;
+    let held = stop_and_hold(backends.remove(1)).await;
     let b2_keys = keys_of(&r, "b2", 25);
 
     for k in &b2_keys[..3] {
@@ -593,6 +594,7 @@ async fn passive_ejection_skips_the_backend_until_a_probe_succeeds() {
     let went_up = "shardproxy_backend_health_transitions_total{backend=\"b2\",to=\"up\"}";
     assert_eq!(metric(&text, went_up), 0.0);
 
+    drop(held);
     let _b2 = EchoBackend::start(b2_addr, "b2")
         .await
         .expect("restart b2 on its address");
@@ -633,8 +635,9 @@ async fn over_the_panic_cap_routing_ignores_health() {
     let b4 = backends.pop().expect("b4");
     let mut dead = backends;
     let b3 = dead.pop().expect("b3");
+    let mut held = Vec::new();
     for b in dead {
-        b.stop().await;
+        held.push(stop_and_hold(b).await);
     }
     wait_state(&proxy, "b1", "down").await;
     wait_state(&proxy, "b2", "down").await;
@@ -659,7 +662,7 @@ async fn over_the_panic_cap_routing_ignores_health() {
         "under the cap a down backend was still tried"
     );
 
-    b3.stop().await;
+    held.push(stop_and_hold(b3).await);
     wait_state(&proxy, "b3", "down").await;
     wait_metric(&proxy, "shardproxy_routing_panic", 1.0).await;
     let before = refused_total(&proxy);
@@ -697,7 +700,7 @@ async fn failover_none_closes_a_down_owners_keys_without_contacting_anyone() {
     .await;
     let addr = proxy.local_addr();
     let r = router(&["b1", "b2", "b3"]);
-    backends.remove(1).stop().await;
+    let _held = stop_and_hold(backends.remove(1)).await;
     wait_state(&proxy, "b2", "down").await;
 
     let down = "shardproxy_connection_errors_total{reason=\"backend_down\"}";

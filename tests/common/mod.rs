@@ -21,6 +21,23 @@ pub fn any_port() -> SocketAddr {
     ([127, 0, 0, 1], 0).into()
 }
 
+/// Stops `backend` and keeps its port held: a socket bound to its address that does not
+/// listen, so a connect (or a health probe) there is refused, and the kernel gives the port to
+/// no other listener that binds port 0 (a test running in parallel could otherwise take it
+/// and answer for the dead backend). Drop the holder before starting a listener there again.
+pub async fn stop_and_hold(backend: EchoBackend) -> socket2::Socket {
+    let addr = backend.local_addr();
+    backend.stop().await;
+    let hold = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .expect("a socket to hold the port");
+    // Accepted connections may linger in TIME_WAIT on the port; SO_REUSEADDR binds over them
+    // (port-0 allocation still skips a port with any bound socket).
+    hold.set_reuse_address(true).expect("SO_REUSEADDR");
+    hold.bind(&addr.into())
+        .unwrap_or_else(|e| panic!("hold the stopped backend's port {addr}: {e}"));
+    hold
+}
+
 /// Starts `n` echo backends named `b1..bn`.
 pub async fn echo_backends(n: usize) -> Vec<EchoBackend> {
     let mut v = Vec::new();
