@@ -426,7 +426,7 @@ async fn without_etcd_the_proxy_starts_from_the_cache_file_or_not_at_all() {
         .expect("no etcd, no cache: no start")
         .to_string();
     assert!(
-        e.contains("unreachable") && e.contains("no cache file"),
+        e.contains("cannot be used") && e.contains("no cache file"),
         "{e}"
     );
     std::fs::write(&cache, "{not json").expect("write");
@@ -436,7 +436,7 @@ async fn without_etcd_the_proxy_starts_from_the_cache_file_or_not_at_all() {
         .expect("no etcd, corrupt cache: no start")
         .to_string();
     assert!(
-        e.contains("unreachable") && e.contains("not a shardproxy membership cache"),
+        e.contains("cannot be used") && e.contains("not a shardproxy membership cache"),
         "{e}"
     );
 }
