@@ -1227,7 +1227,13 @@ async fn with_authentication_a_read_only_proxy_and_a_writing_sidecar_log_in_and_
     names_on_all(std::slice::from_ref(&proxy), &["b1", "b2", "b3"], CONVERGE).await;
     assert!(etcd.get(&bkey(prefix, "b2")).is_some(), "the lease lived");
 
-    // etcd restarts: both log in again on reconnect; changes keep flowing.
+    // The proxy user's password is rotated: in etcd (the user recreated with the new one)
+    // and in the password file. etcd restarts: on reconnect the proxy reads the file again
+    // and logs in with the new password (the sidecar with its unchanged one).
+    std::fs::write(&proxy_pw, "rotated secret\n").expect("rotate the password file");
+    etcd.ctl_ok(&["user", "delete", "proxy"]);
+    etcd.ctl_ok(&["user", "add", "proxy:rotated secret"]);
+    etcd.ctl_ok(&["user", "grant-role", "proxy", "proxy-role"]);
     etcd.restart();
     until("the proxy is back on etcd", RECONNECT, || async {
         proxy.gauge("shardproxy_membership_connected").await == 1.0
