@@ -113,6 +113,10 @@ client_field() { awk -v k="key=$1" -v f="$2=" '$1 == k { for (i = 1; i <= NF; i+
 
 # Handoff counter of the proxy with admin $1 for result $2.
 handoffs() { admin_scrape "$1" | metric shardproxy_dsr_handoffs_total "result=\"$2\""; }
+# From a scrape on stdin: b1's open connections (spliced and handed off); hand-offs tried
+# (handoffs_total, every result).
+b1_connections() { metric shardproxy_backend_connections_active 'backend="b1"'; }
+handoffs_tried() { awk '$1 ~ /^shardproxy_dsr_handoffs_total\{/ { s += $2 } END { print s + 0 }'; }
 # Sum of every fallback result (handoffs_total minus result="ok").
 fallbacks_of() {
     awk '$1 ~ /^shardproxy_dsr_handoffs_total\{/ && $1 !~ /result="ok"/ { s += $2 } END { print s + 0 }'
@@ -653,6 +657,85 @@ case_agent_restart() {
     return "$bad"
 }
 
+# 10. A backend's max_connections counts its handed-off connections until their agent reports
+#     them closed: with b1 capped at 2 and two hand-offs to b1 held open, a third connection
+#     for a b1 key is refused (backend_full, closed without a byte, not offered to the agent);
+#     once one held connection closes and its flow is forgotten, a new one is handed off.
+case_backend_cap() {
+    local port=7007 admin=127.0.0.1:9097 pid bad=0 keys i m0 m c1 c2 rc rc1=0 rc2=0 act be ok0 ok1
+    local hold1="$LOGDIR/cap.hold1" hold2="$LOGDIR/cap.hold2" out1="$LOGDIR/cap.client1" out2="$LOGDIR/cap.client2"
+    read -r -a keys <<<"$(keys_owned_by b1 4)"
+    [[ ${#keys[@]} == 4 ]] || { log "need four keys of b1"; return 1; }
+    # start_proxy reads BACKEND_FLAGS: this proxy caps b1 at 2 (routing is the same).
+    local BACKEND_FLAGS=(
+        --backend "b1=${IP[b1]}:$APP_PORT,agent=${IP[b1]}:$AGENT_PORT,max_connections=2"
+        --backend "b2=${IP[b2]}:$APP_PORT,agent=${IP[b2]}:$AGENT_PORT"
+        --backend "b3=${IP[b3]}:$APP_PORT"
+    )
+    start_proxy "$port" "$admin" "${DSR_FLAGS[@]}" || return 1
+    pid=$STARTED_PID
+    rm -f "$hold1" "$hold2"
+    for i in 1 2; do
+        local hold=$hold1 out=$out1
+        [[ $i == 2 ]] && { hold=$hold2; out=$out2; }
+        timeout 30 ip netns exec "$(ns client)" python3 "$HERE/dsr_client.py" --vip "$VIP" \
+            --port "$port" --proxy-ip "${IP[proxy]}" --hold-file "$hold" --hold-timeout 20 \
+            many "${keys[$((i - 1))]}" >"$out" 2>"$out.err" </dev/null {OUT_FD}>&- {ERR_FD}>&- &
+        PIDS+=("$!"); ALL_PIDS+=("$!")
+        [[ $i == 1 ]] && c1=$! || c2=$!
+    done
+    for ((i = 0; i < 100; i++)); do
+        grep -q '^open 1' "$out1" 2>/dev/null && grep -q '^open 1' "$out2" 2>/dev/null && break
+        sleep 0.1
+    done
+    m0=$(admin_scrape "$admin")
+    log "two held (${keys[0]} ${keys[1]}): handoffs ok $(metric shardproxy_dsr_handoffs_total 'result="ok"' <<<"$m0"), flows_active $(metric shardproxy_dsr_flows_active <<<"$m0"), b1 active_connections $(b1_connections <<<"$m0")"
+    [[ $(metric shardproxy_dsr_handoffs_total 'result="ok"' <<<"$m0") == 2 && $(metric shardproxy_dsr_flows_active <<<"$m0") == 2 && $(b1_connections <<<"$m0") == 2 ]] || bad=1
+
+    rc=0
+    dsr_client "$port" 15 --timeout 5 refused "${keys[2]}" || rc=$?
+    m=$(admin_scrape "$admin")
+    local full=$(( $(metric shardproxy_connection_errors_total 'reason="backend_full"' <<<"$m") - $(metric shardproxy_connection_errors_total 'reason="backend_full"' <<<"$m0") ))
+    local offered=$(( $(handoffs_tried <<<"$m") - $(handoffs_tried <<<"$m0") ))
+    log "third (${keys[2]}): client exit $rc ($(grep -o 'closed=[a-z]* result=.*' "$CLIENT_OUT" || head -1 "$CLIENT_OUT")); backend_full +$full; hand-offs tried +$offered; b1 active_connections $(b1_connections <<<"$m")"
+    [[ $rc == 0 ]] || { client_failed "$rc"; bad=1; }
+    [[ $full == 1 && $offered == 0 ]] || bad=1
+
+    touch "$hold1"
+    wait "$c1" || rc1=$?; forget_pid "$c1"
+    for ((i = 0; i < 50; i++)); do
+        m=$(admin_scrape "$admin")
+        act=$(metric shardproxy_dsr_flows_active <<<"$m")
+        [[ ${act%.*} == 1 ]] && break
+        sleep 0.1
+    done
+    be=$(b1_connections <<<"$m")
+    log "first held closed (exit $rc1, $(grep -o 'path=[a-z-]* result=[a-z]*' "$out1")): flows_active $act, b1 active_connections $be, after ~$((i * 100)) ms"
+    [[ $rc1 == 0 && ${act%.*} == 1 && ${be%.*} == 1 ]] || bad=1
+
+    rc=0
+    ok0=$(handoffs "$admin" ok)
+    dsr_client "$port" 15 echo "${keys[3]}" || rc=$?
+    ok1=$(handoffs "$admin" ok)
+    log "then ${keys[3]}: backend $(client_field "${keys[3]}" backend), path $(client_field "${keys[3]}" path), handoffs ok +$((ok1 - ok0))"
+    [[ $rc == 0 ]] || { client_failed "$rc"; bad=1; }
+    [[ "$(client_field "${keys[3]}" path)" == forward && $((ok1 - ok0)) == 1 ]] || bad=1
+
+    touch "$hold2"
+    wait "$c2" || rc2=$?; forget_pid "$c2"
+    for ((i = 0; i < 50; i++)); do
+        m=$(admin_scrape "$admin")
+        act=$(metric shardproxy_dsr_flows_active <<<"$m"); be=$(b1_connections <<<"$m")
+        [[ ${act%.*} == 0 && ${be%.*} == 0 ]] && break
+        sleep 0.1
+    done
+    log "all closed (second held exit $rc2): flows_active $act, b1 active_connections $be"
+    [[ $rc2 == 0 && ${act%.*} == 0 && ${be%.*} == 0 ]] || bad=1
+    stop_ours "$pid" TERM
+    [[ $STOPPED_RC == 0 ]] || { log "proxy exit: $STOPPED_RC"; bad=1; }
+    return "$bad"
+}
+
 main() {
     echo "shardproxy DSR netns tests (prefix $P)"
     if ! preflight; then fail "preflight"; summary; exit 1; fi
@@ -678,6 +761,7 @@ main() {
     run_case "7 two --dsr proxies on one device: own hand-offs, own table cleanup" case_two_proxies
     run_case "8 steering unavailable (no nft, no CAP_NET_ADMIN): spliced intact, by reason" case_no_steering
     run_case "9 agent restart: the live flow stays steered past the flow timeout, the closed one is forgotten" case_agent_restart
+    run_case "10 max_connections counts handed-off connections until closed: the third refused (backend_full), room again after a close" case_backend_cap
 
     if [[ $FAILED -gt 0 ]]; then
         local f

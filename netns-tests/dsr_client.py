@@ -14,6 +14,8 @@ Exit status 0 only if every connection's bytes were verified.
   many KEY...             all connections at once, each verified, held open until
                           --hold-file exists, then closed cleanly
   echo KEY...             one short request/response each, then the client's half-close
+  refused KEY...          the proxy must close each connection without a byte from any
+                          backend (EOF or reset), e.g. at the backend's max_connections
 """
 
 import argparse
@@ -224,6 +226,18 @@ def echo(c):
     return "echoed=%d " % len(data)
 
 
+def refused(c):
+    """The proxy closes the connection (FIN or RST) without a byte from any backend."""
+    try:
+        c.sock.sendall(c.hello_bytes() + b"ECHO 4\nping")
+        data = c.sock.recv(4096)
+    except (ConnectionResetError, BrokenPipeError):
+        return "closed=reset "
+    if data:
+        raise Fail("expected the connection closed, got %r" % bytes(data[:80]))
+    return "closed=eof "
+
+
 def many(keys):
     opened = []
     lock = threading.Lock()
@@ -297,7 +311,7 @@ def main():
     ap.add_argument("--echo-bytes", type=int, default=100000)
     ap.add_argument("--hold-file")
     ap.add_argument("--hold-timeout", type=float, default=60)
-    ap.add_argument("mode", choices=["download", "frozen", "many", "echo"])
+    ap.add_argument("mode", choices=["download", "frozen", "many", "echo", "refused"])
     ap.add_argument("keys", nargs="+")
     OPTS = ap.parse_args()
     ok = True
@@ -308,6 +322,9 @@ def main():
         ok = run_one(OPTS.keys[0], app_half_close) and ok
     elif OPTS.mode == "many":
         ok = many(OPTS.keys)
+    elif OPTS.mode == "refused":
+        for k in OPTS.keys:
+            ok = run_one(k, refused) and ok
     else:
         for k in OPTS.keys:
             ok = run_one(k, echo) and ok

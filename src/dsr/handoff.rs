@@ -21,7 +21,10 @@
 //! word. Each outcome is counted in `shardproxy_dsr_handoffs_total{result}`.
 //!
 //! Flows: every handed-off flow is kept (client, agent) until its agent reports `Closed`;
-//! then its steering entry and the proxy host's conntrack entry are removed. Every third of
+//! then its steering entry and the proxy host's conntrack entry are removed. The flow holds
+//! the connection's slot in its backend's `max_connections` (an [`ActiveSlot`], taken by the
+//! caller before the hand-off), so a handed-off connection counts against the cap, and in
+//! the backend's active-connections gauge, exactly until its flow is forgotten. Every third of
 //! the flow timeout the proxy asks each agent whose link is up which of its flows it still
 //! holds, renews those and forgets the others (a `Closed` lost with a broken control
 //! connection); a flow whose agent stays away for a whole flow timeout expires (its entry by
@@ -46,6 +49,7 @@ use super::repair::{self, RepairError};
 use super::steer::{table_name, SteerConfig, SteerError, Steering, MAX_BATCH};
 use crate::config::DsrConfig;
 use crate::metrics::DsrMetrics;
+use crate::routing::ActiveSlot;
 
 /// How a hand-off ended: `Ok` or the reason it fell back to splicing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,12 +159,22 @@ impl HandoffResult {
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A handed-off flow, until its agent reports it closed.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Flow {
     client: SocketAddrV4,
     agent: SocketAddr,
     /// Last time its steering entry was renewed (or set).
     renewed: Instant,
+    /// Its place in the backend's `max_connections`, given back when the flow is forgotten
+    /// (dropped with the record).
+    _slot: ActiveSlot,
+}
+
+/// A flow [`Dsr::forget`] removed (its slot already given back).
+#[derive(Debug, Clone, Copy)]
+struct Forgotten {
+    client: SocketAddrV4,
+    agent: SocketAddr,
 }
 
 /// The proxy's DSR state: steering, agent links, handed-off flows.
@@ -208,6 +222,21 @@ impl Dsr {
                 Err(why)
             }
         };
+        Ok(Self::with_steering(
+            config, vip, steering, auth, metrics, stop,
+        ))
+    }
+
+    /// The [`Dsr`] around a steering that started (or why it did not), with its upkeep
+    /// spawned on the current runtime.
+    fn with_steering(
+        config: DsrConfig,
+        vip: SocketAddrV4,
+        steering: Result<Steering, HandoffResult>,
+        auth: Auth,
+        metrics: DsrMetrics,
+        stop: CancellationToken,
+    ) -> Arc<Dsr> {
         let (closed_tx, closed_rx) = mpsc::unbounded_channel();
         let dsr = Arc::new(Dsr {
             config,
@@ -224,7 +253,7 @@ impl Dsr {
             stop: stop.clone(),
         });
         tokio::spawn(upkeep(Arc::downgrade(&dsr), closed_rx, stop));
-        Ok(dsr)
+        dsr
     }
 
     /// The settings in force.
@@ -239,18 +268,22 @@ impl Dsr {
 
     /// Hands `client` (its key header peeked, not read) to the agent at `agent`, which
     /// serves `backend`; `strip` header bytes are removed from what the application will
-    /// read. On `Ok` the socket is in repair mode and must be closed by the caller without
-    /// further use; on `Err` it is back to normal, every byte still queued, and the caller
-    /// splices it — except [`HandoffResult::LostAfterSteer`], where the caller closes it
-    /// (a reset).
+    /// read. `slot` is the connection's place in `backend`'s `max_connections`: on `Ok` the
+    /// flow's record keeps it until the flow is forgotten (its agent reports it closed, the
+    /// reconciliation finds it gone, or it expires); on `Err` it has been given back, so the
+    /// spliced path can take its own. On `Ok` the socket is in repair mode and must be
+    /// closed by the caller without further use; on `Err` it is back to normal, every byte
+    /// still queued, and the caller splices it — except [`HandoffResult::LostAfterSteer`],
+    /// where the caller closes it (a reset).
     pub async fn hand_off(
         &self,
         client: &TcpStream,
         agent: SocketAddr,
         backend: &str,
         strip: usize,
+        slot: ActiveSlot,
     ) -> Result<(), HandoffResult> {
-        let r = self.try_hand_off(client, agent, backend, strip).await;
+        let r = self.try_hand_off(client, agent, backend, strip, slot).await;
         self.metrics.handoff(r.err().unwrap_or(HandoffResult::Ok));
         r
     }
@@ -261,6 +294,7 @@ impl Dsr {
         agent: SocketAddr,
         backend: &str,
         strip: usize,
+        slot: ActiveSlot,
     ) -> Result<(), HandoffResult> {
         let steering = self.steering.as_ref().map_err(|why| *why)?;
         let Ok(SocketAddr::V4(peer)) = client.peer_addr() else {
@@ -337,15 +371,7 @@ impl Dsr {
             return Err(undo(HandoffResult::of_steer(&e)));
         }
         self.metrics.handoff_duration(started.elapsed());
-        self.flows.lock().unwrap_or_else(|p| p.into_inner()).insert(
-            id,
-            Flow {
-                client: peer,
-                agent,
-                renewed: Instant::now(),
-            },
-        );
-        self.metrics.set_active(self.active_flows());
+        self.record(id, peer, agent, slot);
         if let Err(e) = link.notify(Message::Steered { id }).await {
             // Steered, but the agent will never hear it: it drops its copy after its own
             // timeout, and the client's next packet is answered with a reset. Not a silent
@@ -359,6 +385,20 @@ impl Dsr {
         }
         debug!(client = %peer, agent = %agent, id, backend, "handed off");
         Ok(())
+    }
+
+    /// Records the handed-off flow `id`; its record holds `slot` until the flow is forgotten.
+    fn record(&self, id: u64, client: SocketAddrV4, agent: SocketAddr, slot: ActiveSlot) {
+        self.flows.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            id,
+            Flow {
+                client,
+                agent,
+                renewed: Instant::now(),
+                _slot: slot,
+            },
+        );
+        self.metrics.set_active(self.active_flows());
     }
 
     /// The link to `agent`, started on first use.
@@ -379,13 +419,19 @@ impl Dsr {
             .clone()
     }
 
-    /// Removes flow `id`'s record, steering entry and conntrack entry.
-    async fn forget(&self, id: u64) -> Option<Flow> {
-        let flow = self
+    /// Removes flow `id`'s record, steering entry and conntrack entry. The backend slot goes
+    /// with the record, at once: the cap and `shardproxy_dsr_flows_active` move together.
+    async fn forget(&self, id: u64) -> Option<Forgotten> {
+        let removed = self
             .flows
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id)?;
+        let flow = Forgotten {
+            client: removed.client,
+            agent: removed.agent,
+        };
+        drop(removed); // gives the slot back
         self.metrics.set_active(self.active_flows());
         if let Ok(steering) = &self.steering {
             if let Err(e) = steering.remove(flow.client).await {
@@ -576,5 +622,121 @@ async fn upkeep(
             },
             () = stop.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+impl Dsr {
+    /// A `Dsr` whose steering did not start (`why`): it touches no nftables and needs no
+    /// root; every hand-off falls back with `why`. For unit tests of the flow table and of
+    /// its callers.
+    pub(crate) fn for_tests(why: HandoffResult, metrics: DsrMetrics) -> Arc<Dsr> {
+        let secret = Secret::from_bytes(vec![7; 32]).expect("a 32-byte secret");
+        Self::with_steering(
+            DsrConfig::new("eth0", "/nonexistent"),
+            SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 7000),
+            Err(why),
+            Auth::new(&secret, Role::Proxy, Limits::default()),
+            metrics,
+            CancellationToken::new(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::routing::BackendState;
+
+    const CAP: Option<usize> = Some(2);
+
+    /// A backend's live state whose connection count moves `b1`'s gauge in `metrics`.
+    fn backend(metrics: &Metrics) -> Arc<BackendState> {
+        Arc::new(BackendState::new(metrics.backend("b1").active.clone()))
+    }
+
+    fn gauge(metrics: &Metrics) -> String {
+        let text = metrics.render();
+        let prefix = format!("{}{{backend=\"b1\"}} ", crate::metrics::BACKEND_ACTIVE);
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .unwrap_or("absent")
+            .to_owned()
+    }
+
+    async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+        for _ in 0..200 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    /// A handed-off flow counts in its backend's `max_connections` (and active gauge) from
+    /// the hand-off until it is forgotten: by its agent's `Closed` (through the upkeep, as a
+    /// link delivers it) or by `forget` (the reconciliation, a hand-off lost after steering).
+    #[tokio::test]
+    async fn a_flow_holds_its_backend_slot_until_it_is_forgotten() {
+        let metrics = Metrics::new();
+        let dsr = Dsr::for_tests(HandoffResult::NftMissing, metrics.dsr());
+        let state = backend(&metrics);
+        let agent: SocketAddr = "10.0.0.11:7100".parse().unwrap();
+        for (id, port) in [(1, 40001), (2, 40002)] {
+            let slot = state.try_reserve(CAP).expect("a free slot");
+            let client = SocketAddrV4::new([10, 0, 0, 10].into(), port);
+            dsr.record(id, client, agent, slot);
+        }
+        assert_eq!(dsr.active_flows(), 2);
+        assert_eq!(state.active(), 2, "the flows hold no slot");
+        assert_eq!(gauge(&metrics), "2");
+        assert!(
+            state.try_reserve(CAP).is_none(),
+            "a backend whose cap is taken by handed-off flows took another connection"
+        );
+
+        // A Closed from another agent is not this flow's: nothing changes.
+        let stranger = "10.0.0.12:7100".parse().unwrap();
+        let report = |agent, id| ClosedReport {
+            agent,
+            id,
+            bytes_from_client: 1,
+            bytes_to_client: 2,
+        };
+        dsr.closed_tx.send(report(stranger, 1)).unwrap();
+        dsr.closed_tx.send(report(agent, 1)).unwrap();
+        eventually("the Closed flow to give its slot back", || {
+            state.active() == 1
+        })
+        .await;
+        assert_eq!(dsr.active_flows(), 1);
+        assert_eq!(gauge(&metrics), "1");
+        assert!(state.try_reserve(CAP).is_some(), "the freed slot");
+
+        assert!(dsr.forget(2).await.is_some());
+        assert_eq!((state.active(), dsr.active_flows()), (0, 0));
+        assert_eq!(gauge(&metrics), "0");
+        assert!(dsr.forget(2).await.is_none(), "forgotten twice");
+        assert_eq!(state.active(), 0);
+    }
+
+    /// A hand-off that falls back gives its slot back before returning, so the spliced path
+    /// can take one (a cap of 1 would otherwise fail it as `backend_full`).
+    #[tokio::test]
+    async fn a_failed_hand_off_gives_its_slot_back() {
+        let metrics = Metrics::new();
+        let dsr = Dsr::for_tests(HandoffResult::NftMissing, metrics.dsr());
+        let state = backend(&metrics);
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        let slot = state.try_reserve(Some(1)).unwrap();
+        let agent = "127.0.0.1:7100".parse().unwrap();
+        let r = dsr.hand_off(&s, agent, "b1", 0, slot).await;
+        assert_eq!(r, Err(HandoffResult::NftMissing));
+        assert_eq!((state.active(), dsr.active_flows()), (0, 0));
+        assert!(state.try_reserve(Some(1)).is_some());
     }
 }

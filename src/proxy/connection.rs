@@ -267,6 +267,11 @@ async fn owner_moved(shared: &Shared, digest: KeyDigest, backend: Arc<str>, grac
 /// choice has an agent and the key is one to hand off, hands the connection to it. `Ok(Some)`
 /// names the backend that now owns the connection (the socket is in repair mode: close it
 /// without another call); `Ok(None)` leaves it to the spliced path, header still queued.
+///
+/// A handed-off connection holds a slot of its backend's `max_connections` until its agent
+/// reports it closed (the flow's record keeps it). A backend at its cap is not handed off:
+/// the spliced path fails the connection with `backend_full`, as it does every connection
+/// for a full backend.
 async fn hand_off(
     shared: &Shared,
     dsr: &crate::dsr::handoff::Dsr,
@@ -299,6 +304,9 @@ async fn hand_off(
     let Some(agent) = be.agent else {
         return Ok(None);
     };
+    let Some(slot) = be.state.try_reserve(be.max_connections) else {
+        return Ok(None);
+    };
     let strip = match fmt.mode {
         HeaderMode::Forward => 0,
         HeaderMode::Strip => head.consumed,
@@ -306,7 +314,9 @@ async fn hand_off(
     let name = be.name.clone();
     // Not cut by the drain deadline: a hand-off dropped half-way would leave the socket
     // frozen (or its flow steered), and it is bounded by the hand-off timeout anyway.
-    match dsr.hand_off(client, agent, &name, strip).await {
+    // A failed hand-off has given the slot back by the time it returns: the spliced path
+    // takes its own.
+    match dsr.hand_off(client, agent, &name, strip, slot).await {
         Ok(()) => Ok(Some(name)),
         Err(crate::dsr::handoff::HandoffResult::LostAfterSteer) => Err(ConnError::Forward {
             side: Side::Backend,
@@ -481,6 +491,73 @@ mod tests {
             matches!(e, ConnError::Header(HeaderError::ZeroLength)),
             "{e}"
         );
+    }
+}
+
+#[cfg(test)]
+mod dsr_tests {
+    use super::*;
+    use crate::dsr::handoff::{Dsr, HandoffResult};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    fn handoffs(metrics: &crate::metrics::Metrics, result: &str) -> String {
+        let want = format!("shardproxy_dsr_handoffs_total{{result=\"{result}\"}} ");
+        let text = metrics.render();
+        text.lines()
+            .find_map(|l| l.strip_prefix(want.as_str()))
+            .unwrap_or("absent")
+            .to_owned()
+    }
+
+    /// The DSR phase takes a slot of the backend's `max_connections` for the hand-off, and
+    /// does not hand off a connection for a backend at its cap: it goes on to the spliced
+    /// path (which fails it with `backend_full`), as every connection for a full backend.
+    #[tokio::test]
+    async fn a_backend_at_its_cap_is_not_handed_off() {
+        let cfg = crate::config::ProxyConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            vec!["b1=127.0.0.1:1,agent=127.0.0.1:7100,max_connections=1"
+                .parse()
+                .unwrap()],
+        );
+        let metrics = crate::metrics::Metrics::new();
+        let table = crate::routing::RoutingTable::build(&cfg.backends, 1, &metrics).unwrap();
+        let shared = super::super::Shared::for_tests(cfg, table, metrics.clone());
+        // Steering "never started": every attempt falls back, counted nft_missing.
+        let dsr = Dsr::for_tests(HandoffResult::NftMissing, metrics.dsr());
+        let state = shared.table.load().backends[0].state.clone();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let kill = CancellationToken::new();
+
+        // Room under the cap: the hand-off is tried (and falls back), its slot given back.
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        c.write_all(b"\x00\x02k1data").await.unwrap();
+        let r = hand_off(&shared, &dsr, &s, &kill)
+            .await
+            .map_err(|e| e.to_string());
+        assert_eq!(r, Ok(None));
+        assert_eq!(handoffs(&metrics, "nft_missing"), "1");
+        assert_eq!(state.active(), 0, "a fallen-back hand-off kept its slot");
+
+        // At the cap: not tried at all, left to the spliced path with the header queued.
+        let _held = state.try_reserve(Some(1)).expect("the one slot");
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        c.write_all(b"\x00\x02k1data").await.unwrap();
+        let r = hand_off(&shared, &dsr, &s, &kill)
+            .await
+            .map_err(|e| e.to_string());
+        assert_eq!(r, Ok(None));
+        assert_eq!(
+            handoffs(&metrics, "nft_missing"),
+            "1",
+            "a connection for a full backend was offered to its agent"
+        );
+        assert_eq!(state.active(), 1);
+        let (buf, head) = read_header(&s, &HeaderFormat::default()).await.unwrap();
+        assert_eq!(&buf[..head.filled], b"\x00\x02k1data");
     }
 }
 
