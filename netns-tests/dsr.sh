@@ -604,6 +604,31 @@ case_no_steering() {
     return "$bad"
 }
 
+# Opens two held connections through the proxy on port $1 (dsr_client.py `many`: each stays
+# open until its hold file appears, at most $2 s): key $3 with hold file $4 and output $5, key
+# $6 with $7 and $8. Sets HELD=(pid1 pid2) and waits (bounded, 10 s) until both are open.
+HELD=()
+hold_two() {
+    local port=$1 hold_timeout=$2 i outs=()
+    shift 2
+    HELD=()
+    for i in 0 1; do
+        local key=$1 hold=$2 out=$3
+        shift 3
+        rm -f "$hold"
+        timeout $((hold_timeout + 20)) ip netns exec "$(ns client)" python3 "$HERE/dsr_client.py" \
+            --vip "$VIP" --port "$port" --proxy-ip "${IP[proxy]}" --hold-file "$hold" \
+            --hold-timeout "$hold_timeout" many "$key" >"$out" 2>"$out.err" </dev/null \
+            {OUT_FD}>&- {ERR_FD}>&- &
+        PIDS+=("$!"); ALL_PIDS+=("$!"); HELD+=("$!")
+        outs+=("$out")
+    done
+    for ((i = 0; i < 100; i++)); do
+        grep -q '^open 1' "${outs[0]}" 2>/dev/null && grep -q '^open 1' "${outs[1]}" 2>/dev/null && break
+        sleep 0.1
+    done
+}
+
 # 9. An agent restart: the application keeps its passed connections; the proxy, reconciling
 #    every third of --dsr-flow-timeout, keeps steering the live one (its new agent finds it in
 #    the kernel) past the flow timeout, and forgets the one that closed while no agent could
@@ -615,20 +640,8 @@ case_agent_restart() {
     [[ ${#keys[@]} == 2 ]] || { log "need two keys of b2"; return 1; }
     start_proxy "$port" "$admin" "${DSR_FLAGS[@]}" --dsr-flow-timeout 3s || return 1
     pid=$STARTED_PID
-    rm -f "$hold1" "$hold2"
-    for i in 1 2; do
-        local hold=$hold1 out=$out1 key=${keys[0]}
-        [[ $i == 2 ]] && { hold=$hold2; out=$out2; key=${keys[1]}; }
-        timeout 60 ip netns exec "$(ns client)" python3 "$HERE/dsr_client.py" --vip "$VIP" \
-            --port "$port" --proxy-ip "${IP[proxy]}" --hold-file "$hold" --hold-timeout 40 \
-            many "$key" >"$out" 2>"$out.err" </dev/null {OUT_FD}>&- {ERR_FD}>&- &
-        PIDS+=("$!"); ALL_PIDS+=("$!")
-        [[ $i == 1 ]] && c1=$! || c2=$!
-    done
-    for ((i = 0; i < 100; i++)); do
-        grep -q '^open 1' "$out1" 2>/dev/null && grep -q '^open 1' "$out2" 2>/dev/null && break
-        sleep 0.1
-    done
+    hold_two "$port" 40 "${keys[0]}" "$hold1" "$out1" "${keys[1]}" "$hold2" "$out2"
+    c1=${HELD[0]} c2=${HELD[1]}
     m=$(admin_scrape "$admin")
     log "two connections open: handoffs ok $(metric shardproxy_dsr_handoffs_total 'result="ok"' <<<"$m"), flows_active $(metric shardproxy_dsr_flows_active <<<"$m")"
     [[ $(metric shardproxy_dsr_flows_active <<<"$m") == 2 ]] || bad=1
@@ -674,20 +687,8 @@ case_backend_cap() {
     )
     start_proxy "$port" "$admin" "${DSR_FLAGS[@]}" || return 1
     pid=$STARTED_PID
-    rm -f "$hold1" "$hold2"
-    for i in 1 2; do
-        local hold=$hold1 out=$out1
-        [[ $i == 2 ]] && { hold=$hold2; out=$out2; }
-        timeout 30 ip netns exec "$(ns client)" python3 "$HERE/dsr_client.py" --vip "$VIP" \
-            --port "$port" --proxy-ip "${IP[proxy]}" --hold-file "$hold" --hold-timeout 20 \
-            many "${keys[$((i - 1))]}" >"$out" 2>"$out.err" </dev/null {OUT_FD}>&- {ERR_FD}>&- &
-        PIDS+=("$!"); ALL_PIDS+=("$!")
-        [[ $i == 1 ]] && c1=$! || c2=$!
-    done
-    for ((i = 0; i < 100; i++)); do
-        grep -q '^open 1' "$out1" 2>/dev/null && grep -q '^open 1' "$out2" 2>/dev/null && break
-        sleep 0.1
-    done
+    hold_two "$port" 20 "${keys[0]}" "$hold1" "$out1" "${keys[1]}" "$hold2" "$out2"
+    c1=${HELD[0]} c2=${HELD[1]}
     m0=$(admin_scrape "$admin")
     log "two held (${keys[0]} ${keys[1]}): handoffs ok $(metric shardproxy_dsr_handoffs_total 'result="ok"' <<<"$m0"), flows_active $(metric shardproxy_dsr_flows_active <<<"$m0"), b1 active_connections $(b1_connections <<<"$m0")"
     [[ $(metric shardproxy_dsr_handoffs_total 'result="ok"' <<<"$m0") == 2 && $(metric shardproxy_dsr_flows_active <<<"$m0") == 2 && $(b1_connections <<<"$m0") == 2 ]] || bad=1

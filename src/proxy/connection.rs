@@ -530,25 +530,26 @@ mod dsr_tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let kill = CancellationToken::new();
 
+        // A client that sent the header for key `k1` and some data; the DSR phase's answer.
+        let offer = || async {
+            let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let (s, _) = l.accept().await.unwrap();
+            c.write_all(b"\x00\x02k1data").await.unwrap();
+            let r = hand_off(&shared, &dsr, &s, &kill)
+                .await
+                .map_err(|e| e.to_string());
+            (c, s, r)
+        };
+
         // Room under the cap: the hand-off is tried (and falls back), its slot given back.
-        let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        c.write_all(b"\x00\x02k1data").await.unwrap();
-        let r = hand_off(&shared, &dsr, &s, &kill)
-            .await
-            .map_err(|e| e.to_string());
+        let (_c, _s, r) = offer().await;
         assert_eq!(r, Ok(None));
         assert_eq!(handoffs(&metrics, "nft_missing"), "1");
         assert_eq!(state.active(), 0, "a fallen-back hand-off kept its slot");
 
         // At the cap: not tried at all, left to the spliced path with the header queued.
         let _held = state.try_reserve(Some(1)).expect("the one slot");
-        let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        c.write_all(b"\x00\x02k1data").await.unwrap();
-        let r = hand_off(&shared, &dsr, &s, &kill)
-            .await
-            .map_err(|e| e.to_string());
+        let (_c, s, r) = offer().await;
         assert_eq!(r, Ok(None));
         assert_eq!(
             handoffs(&metrics, "nft_missing"),
