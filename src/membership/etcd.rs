@@ -256,7 +256,7 @@ impl Etcd {
                         i,
                     ))
                 }
-                Err(why) => last = format!("{ep}: {why}"),
+                Err(why) => last = format!("{ep}: {why}{}", given.hint(&why)),
             }
         }
         Err(EtcdError::Unreachable {

@@ -188,24 +188,36 @@ pub(super) struct Given {
 }
 
 impl Given {
-    /// `e` with a hint when a transport failure has a likely cause in the settings.
-    pub(super) fn explain(self, e: EtcdError) -> EtcdError {
-        let EtcdError::Request { op, why } = e else {
-            return e;
-        };
-        let hint = if !self.tls && why.contains("transport error") {
+    /// A hint for a failure that reached the server (the TCP connect worked: a refused or
+    /// timed-out connect is an outage, not a setting) and that the settings may explain.
+    /// A server asking for a client certificate can show up as its TLS alert or, when the
+    /// close overtakes the alert, as a reset: any such failure gets the hint, worded as a
+    /// condition.
+    pub(super) fn hint(self, why: &str) -> &'static str {
+        let reached = why.contains("transport error") && !why.contains("tcp connect error");
+        let refused_certificate = why.contains("BadCertificate")
+            || why.contains("CertificateRequired")
+            || why.contains("certificate required");
+        if !self.tls && reached {
             " (if etcd serves its clients over TLS, give --etcd-ca)"
-        } else if self.tls
-            && !self.client_certificate
-            && (why.contains("BadCertificate") || why.contains("CertificateRequired"))
-        {
-            " (etcd asks for a client certificate: give --etcd-cert and --etcd-key)"
+        } else if self.tls && !self.client_certificate && (reached || refused_certificate) {
+            " (if etcd asks for a client certificate, give --etcd-cert and --etcd-key)"
         } else {
             ""
-        };
-        EtcdError::Request {
-            op,
-            why: why + hint,
+        }
+    }
+
+    /// `e` with [`Self::hint`] added to a request's failure.
+    pub(super) fn explain(self, e: EtcdError) -> EtcdError {
+        match e {
+            EtcdError::Request { op, why } => {
+                let hint = self.hint(&why);
+                EtcdError::Request {
+                    op,
+                    why: why + hint,
+                }
+            }
+            other => other,
         }
     }
 }
@@ -345,36 +357,30 @@ mod tests {
 
     #[test]
     fn failures_the_settings_explain_get_a_hint() {
-        let transport = || EtcdError::Request {
+        let request = |why: &str| EtcdError::Request {
             op: "range",
-            why: "[Grpc] transport error: broken pipe".into(),
+            why: why.into(),
         };
-        let bad_cert = || EtcdError::Request {
-            op: "range",
-            why: "transport error: received fatal alert: BadCertificate".into(),
+        let reset = "[Grpc] transport error: Connection reset by peer";
+        let alert = "transport error: received fatal alert: BadCertificate";
+        let refused = "transport error: tcp connect error: Connection refused";
+        let given = |tls, client_certificate| Given {
+            tls,
+            client_certificate,
         };
-        let plain = Given {
-            tls: false,
-            client_certificate: false,
-        };
-        let tls = Given {
-            tls: true,
-            client_certificate: false,
-        };
-        let mutual = Given {
-            tls: true,
-            client_certificate: true,
-        };
-        assert!(plain
-            .explain(transport())
-            .to_string()
-            .ends_with("give --etcd-ca)"));
-        assert!(tls
-            .explain(bad_cert())
-            .to_string()
-            .contains("give --etcd-cert and --etcd-key"));
-        for (given, e) in [(tls, transport()), (mutual, bad_cert())] {
-            assert!(!given.explain(e).to_string().contains("give"));
+        let (plain, tls, mutual) = (given(false, false), given(true, false), given(true, true));
+        let text = |g: Given, why: &str| g.explain(request(why)).to_string();
+        assert!(text(plain, reset).ends_with("give --etcd-ca)"));
+        for why in [reset, alert] {
+            assert!(
+                text(tls, why).contains("give --etcd-cert and --etcd-key"),
+                "{why}"
+            );
+            assert!(!text(mutual, why).contains("give"), "{why}");
+        }
+        // An outage (the TCP connect failed) is not a setting.
+        for g in [plain, tls, mutual] {
+            assert_eq!(g.hint(refused), "");
         }
         assert!(matches!(
             plain.explain(EtcdError::WatchEnded),
